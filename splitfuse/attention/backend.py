@@ -1,0 +1,57 @@
+"""Attention backend interface: ``plan`` once per step from the batch layout, ``forward`` per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """The flattened ragged batch, as the model runner built it (numpy, host side).
+
+    Requests are ordered decodes first (one query token each), then the rest.
+    For request i: its new tokens are rows ``query_start_loc[i]:query_start_loc[i+1]``
+    of the flat batch and sit at positions ``context_lens[i] - query_lens[i]`` ..
+    ``context_lens[i] - 1``; ``block_tables[i, :]`` are its KV blocks (padded with 0).
+    Example: query_lens [1, 1, 5] -> query_start_loc [0, 1, 2, 7], num_decodes 2.
+    """
+
+    query_lens: np.ndarray        # [num_reqs] int64
+    context_lens: np.ndarray      # [num_reqs] int64, tokens with KV after this step
+    query_start_loc: np.ndarray   # [num_reqs + 1] int64
+    block_tables: np.ndarray      # [num_reqs, max_blocks] int64
+    slot_mapping: torch.Tensor    # [num_tokens] int64, on the device: where each new token's KV goes
+    num_decodes: int
+    block_size: int
+
+
+class AttentionBackend(Protocol):
+    """A paged attention implementation. ``plan`` may precompute anything shared by layers."""
+
+    def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> Any:
+        ...
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: Any, *,
+                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D] -> [T, H, D]; writes key/value into kv_cache first."""
+        ...
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device: torch.device
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (key, value) pair per layer, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    shape = (num_blocks * block_size, num_kv_heads, head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size

@@ -1,0 +1,118 @@
+"""Frozen configuration dataclasses: the one source of truth for every engine knob.
+
+Each field carries its CLI help text in ``metadata["help"]`` so the command line
+(``splitfuse serve --help``) and the Python API describe a knob with the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_DTYPES = ("bfloat16", "float16", "float32", "auto")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def parse_memory_size(value: int | float | str) -> int:
+    """Bytes from an int or a string such as "4GiB", "512MiB", "2G", "1e9".
+
+    "4GiB" -> 4294967296; "1.5G" -> 1610612736 (G is treated as GiB, as vLLM does).
+    """
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"memory size must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B?)\s*", str(value))
+    if not match:
+        raise ValueError(f"cannot parse memory size {value!r}; use e.g. '4GiB' or '512MiB'")
+    number = float(match.group(1))
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2)]
+    size = int(number * scale)
+    if size <= 0:
+        raise ValueError(f"memory size must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _help("Path to a Hugging Face checkpoint directory (default: the built-in demo model).", default="")
+    dtype: str = _help("Weight and activation dtype: bfloat16 (default on CPU), float16, float32 or auto.",
+                       default="bfloat16")
+    max_model_len: Optional[int] = _help("Longest prompt + output in tokens (default: the model's limit).",
+                                         default=None)
+    tokenizer: Optional[str] = _help("Tokenizer directory (default: the model directory).", default=None)
+    device: str = _help("Device to run on: cpu or cuda (default: cuda when available).", default="auto")
+    seed: int = _help("Seed of the engine's random generator (requests without their own seed).", default=0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _help("Tokens per KV cache block.", default=16)
+    kv_cache_memory: Optional[int] = _help(
+        "Bytes of KV cache (accepts '4GiB'); default: min(4 GiB, what max_num_seqs full-length requests need).",
+        default=None)
+    num_gpu_blocks_override: Optional[int] = _help("Exact number of KV blocks (overrides kv_cache_memory).",
+                                                   default=None)
+    enable_prefix_caching: bool = _help("Reuse KV blocks of shared prompt prefixes.", default=True)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if self.kv_cache_memory is not None:
+            object.__setattr__(self, "kv_cache_memory", parse_memory_size(self.kv_cache_memory))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = _help("Token budget of one engine step (prompt chunks + decodes).",
+                                        default=512)
+    max_num_seqs: int = _help("Most requests running at once.", default=64)
+    max_waiting_requests: Optional[int] = _help("Most requests waiting; more are refused (default: no limit).",
+                                                default=None)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat keyword arguments (``LLM(model=..., block_size=...)``); unknown names raise."""
+        parts = {}
+        remaining = dict(kwargs)
+        for name, config_cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            parts[name] = config_cls(**{k: remaining.pop(k) for k in list(remaining) if k in names})
+        if remaining:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(remaining))}")
+        return cls(**parts)
+
+
+def config_fields(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass, for building CLI flags from one place."""
+    return list(dataclasses.fields(config_cls))

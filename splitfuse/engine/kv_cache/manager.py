@@ -1,0 +1,96 @@
+"""KVCacheManager: gives each request the blocks it needs, finds prefix-cache hits, frees on finish."""
+
+from __future__ import annotations
+
+from splitfuse.engine.kv_cache.block_pool import BlockPool
+from splitfuse.engine.kv_cache.hashing import extend_block_hashes
+from splitfuse.engine.request import Request
+
+
+class KVCacheManager:
+    """Block tables per request over one BlockPool.
+
+    Contract: ``allocate_slots`` either gives a request room for ``num_new_tokens``
+    more tokens and returns True, or changes nothing and returns False. A block is
+    entered in the prefix cache only after its tokens' KV has been computed
+    (``cache_computed_blocks``), so a hit never reads KV that was not written.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.block_tables: dict[str, list[int]] = {}
+        # Prefix-cache statistics, in tokens.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, request: Request) -> list[int]:
+        """The longest run of cached blocks that starts the request's tokens.
+
+        At least one token is always left to compute, because the step that
+        computes the last known token is the one that samples the next.
+        """
+        if not self.enable_caching:
+            return []
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block_id = self.pool.get_cached_block(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[int] | None = None) -> bool:
+        """Room for ``num_new_tokens`` after the request's computed tokens (and ``computed_blocks`` hits)."""
+        computed_blocks = computed_blocks or []
+        table = self.block_tables.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_required = self.blocks_needed(num_computed + num_new_tokens)
+        num_new_blocks = max(0, num_required - len(table) - len(computed_blocks))
+        # Hits on free blocks leave the free queue, so they count against what is free.
+        num_hits_on_free = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
+        if num_new_blocks + num_hits_on_free > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(computed_blocks)
+        self.block_tables[request.request_id] = table + computed_blocks + self.pool.allocate(num_new_blocks)
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Enters every full block whose KV is now computed into the prefix cache."""
+        if not self.enable_caching:
+            return
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        table = self.block_tables[request.request_id]
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        for index in range(num_full):
+            self.pool.cache_block(table[index], request.block_hashes[index])
+
+    def free(self, request: Request) -> None:
+        """Releases the request's blocks, last block first (so it is evicted first)."""
+        table = self.block_tables.pop(request.request_id, None)
+        if table:
+            self.pool.free(reversed(table))
+
+    def get_block_table(self, request_id: str) -> list[int]:
+        return self.block_tables[request_id]

@@ -1,0 +1,97 @@
+"""Request: one sequence's state as the scheduler sees it — tokens known, tokens computed, blocks held."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+import torch
+
+from splitfuse.engine.kv_cache.hashing import BlockHash
+from splitfuse.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again after its blocks were freed
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """There is no prefill or decode phase: a request has ``num_tokens`` known tokens
+    (prompt + generated) of which ``num_computed_tokens`` have KV in the cache. Each
+    step the scheduler gives it some of the rest; when all known tokens are computed,
+    the step samples its next token.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 *, arrival_time: float, max_tokens: int, priority: int = 0, arrival_order: int = 0,
+                 eos_token_ids: frozenset[int] = frozenset(), prefill_leader: Optional["Request"] = None,
+                 seed: Optional[int] = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival_time = arrival_time
+        self.max_tokens = max_tokens
+        self.priority = priority
+        self.arrival_order = arrival_order
+        self.eos_token_ids = eos_token_ids
+        # A sibling (n > 1) waits until its leader has computed the shared prompt,
+        # then finds those blocks in the prefix cache instead of computing them again.
+        self.prefill_leader = prefill_leader
+
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first schedule
+        self.status = RequestStatus.WAITING
+        self.block_hashes: list[BlockHash] = []
+        self.num_preemptions = 0
+        self.stop_reason: Optional[int | str] = None
+        self.generator: Optional[torch.Generator] = None
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+        # Filled by the engine: output logprobs, detokenizer, timings.
+        self.logprobs: list[Any] = []
+        self.cumulative_logprob = 0.0
+        self.detokenizer: Any = None
+        self.first_scheduled_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        self.finished_time: Optional[float] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Lower runs first: priority value, then arrival (a preempted request keeps its place)."""
+        return (self.priority, self.arrival_order)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")

@@ -1,0 +1,104 @@
+"""Resolves an EngineConfig against the checkpoint: paths, tokenizer, dtype, device, context length, KV pool size."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from splitfuse.attention.backend import kv_cache_bytes_per_block
+from splitfuse.config import EngineConfig
+from splitfuse.models.config import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_KV_BYTES = 4 << 30
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    arch: ArchConfig
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    num_blocks: int
+    eos_token_ids: frozenset[int]
+
+
+def resolve_setup(config: EngineConfig) -> EngineSetup:
+    model_path = config.model.model
+    if not model_path:
+        from splitfuse.demo import demo_model_path
+        model_path = demo_model_path()
+    arch = ArchConfig.from_dir(model_path)
+    tokenizer = load_tokenizer(config.model.tokenizer or model_path)
+    dtype = _resolve_dtype(config.model.dtype, arch)
+    device = _resolve_device(config.model.device)
+    max_model_len = arch.max_position_embeddings
+    if config.model.max_model_len is not None:
+        if config.model.max_model_len > arch.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.model.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {arch.max_position_embeddings}")
+        max_model_len = config.model.max_model_len
+    num_blocks = _num_blocks(config, arch, dtype, max_model_len)
+    return EngineSetup(model_path, tokenizer, arch, dtype, device, max_model_len, num_blocks,
+                       _eos_token_ids(model_path, arch, tokenizer))
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a tokenizer from {path!r}: {error}") from error
+
+
+def _resolve_dtype(name: str, arch: ArchConfig) -> torch.dtype:
+    if name == "auto":
+        name = arch.checkpoint_dtype if arch.checkpoint_dtype in _DTYPES else "bfloat16"
+    return _DTYPES[name]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def _num_blocks(config: EngineConfig, arch: ArchConfig, dtype: torch.dtype, max_model_len: int) -> int:
+    """The pool size: exact override, else --kv-cache-memory, else enough for max_num_seqs full requests (<= 4 GiB)."""
+    cache = config.cache
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    bytes_per_block = kv_cache_bytes_per_block(arch.num_layers, cache.block_size, arch.num_kv_heads,
+                                               arch.head_dim, dtype)
+    if cache.kv_cache_memory is not None:
+        num_blocks = cache.kv_cache_memory // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {cache.kv_cache_memory} bytes is smaller than one KV block "
+                             f"({bytes_per_block} bytes)")
+        return num_blocks
+    blocks_per_request = -(-max_model_len // cache.block_size)
+    wanted = blocks_per_request * config.scheduler.max_num_seqs
+    return max(1, min(wanted, _DEFAULT_MAX_KV_BYTES // bytes_per_block))
+
+
+def _eos_token_ids(model_path: str, arch: ArchConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, together."""
+    ids = set(arch.eos_token_ids)
+    generation_config = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(generation_config):
+        with open(generation_config) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,59 @@
+"""Mixtral: the Llama decoder with a sparse mixture-of-experts MLP (top-k routing, renormalized)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitfuse.models.config import ArchConfig
+from splitfuse.models.llama import LlamaForCausalLM
+
+
+class SparseMoE(nn.Module):
+    """Each token goes to its ``top_k`` experts, weighted by the renormalized router softmax."""
+
+    def __init__(self, config: ArchConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.intermediate_size = config.intermediate_size
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        # Expert e: w13[e] = [w1; w3] (gate and up stacked), w2[e] the down projection.
+        self.w13 = nn.Parameter(torch.empty(config.num_experts, 2 * config.intermediate_size, config.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.intermediate_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(router_probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        # Group (token, slot) pairs by expert once, then one matmul pair per active expert.
+        flat_experts = experts.flatten()
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        token_of_pair = order // self.top_k
+        weight_of_pair = weights.flatten()[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of_pair[start:start + count]
+            gate, up = F.linear(x[tokens], self.w13[expert]).split(self.intermediate_size, dim=-1)
+            expert_out = F.linear(F.silu(gate) * up, self.w2[expert])
+            out.index_add_(0, tokens, expert_out * weight_of_pair[start:start + count, None])
+            start += count
+        return out
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def make_mlp(config: ArchConfig) -> nn.Module:
+        return SparseMoE(config)
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name:
+            return None
+        # model.layers.0.block_sparse_moe.experts.3.w1.weight -> layers.0.mlp.w13[3], shard 0
+        return name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
