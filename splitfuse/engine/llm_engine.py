@@ -207,26 +207,30 @@ class LLMEngine:
         if logprobs is not None:
             request.logprobs.append(self._logprob_dict(token_id, logprobs))
             request.cumulative_logprob += logprobs[0]
-        stop_string = request.detokenizer.update([token_id]) if request.detokenizer is not None else None
-        status = self._stop_status(request, token_id, stop_string)
+        status = self._token_stop_status(request, token_id)
+        if status is None and request.detokenizer is not None:
+            # A token that ends the request (EOS, a stop token) is kept in token_ids, not in the text.
+            stop_string = request.detokenizer.update([token_id])
+            if stop_string is not None and request.num_output_tokens >= request.params.min_tokens:
+                request.stop_reason = stop_string
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and (request.num_output_tokens >= request.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             request.status = status
             request.finished_time = now
 
-    def _stop_status(self, request: Request, token_id: int, stop_string: Optional[str]) -> Optional[RequestStatus]:
+    @staticmethod
+    def _token_stop_status(request: Request, token_id: int) -> Optional[RequestStatus]:
         params = request.params
-        num_output = request.num_output_tokens
-        if num_output >= params.min_tokens:
-            if stop_string is not None:
-                request.stop_reason = stop_string
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in request.eos_token_ids and not params.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
         return None
 
     def _logprob_dict(self, token_id: int, logprobs) -> dict[int, Logprob]:
