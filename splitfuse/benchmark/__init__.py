@@ -1,0 +1,1 @@
+"""Benchmark tool (`splitfuse bench`): workloads, arrival processes, a streaming load generator, metrics, sweeps, plots."""
