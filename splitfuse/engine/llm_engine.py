@@ -36,6 +36,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    computed_tokens_total: int  # tokens that went through the model (prefix-cache hits excluded)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class LLMEngine:
         self._arrival_counter = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.computed_tokens_total = 0
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", setup.num_blocks,
                     config.cache.block_size, setup.num_blocks * config.cache.block_size)
 
@@ -182,6 +184,7 @@ class LLMEngine:
                 request.first_scheduled_time = now
         block_tables = [self.kv_cache.get_block_table(r.request_id) for r in scheduled.requests]
         result = self.runner.execute(scheduled.requests, scheduled.num_new_tokens, block_tables)
+        self.computed_tokens_total += scheduled.total_tokens
         self.scheduler.update_computed(scheduled)
         if result.sampler_output is None:
             return []
@@ -272,7 +275,8 @@ class LLMEngine:
             num_free_blocks=self.kv_cache.num_free_blocks, num_total_blocks=self.kv_cache.num_blocks,
             kv_cache_usage=self.kv_cache.usage, prefix_cache_queries=self.kv_cache.prefix_cache_queries,
             prefix_cache_hits=self.kv_cache.prefix_cache_hits, num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            computed_tokens_total=self.computed_tokens_total)
 
 
 class QueueFullError(ValueError):
