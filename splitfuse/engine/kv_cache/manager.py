@@ -21,6 +21,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.block_tables: dict[str, list[int]] = {}
+        self._num_cached_blocks: dict[str, int] = {}  # leading blocks of each request already in the cache
         # Prefix-cache statistics, in tokens.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -64,16 +65,22 @@ class KVCacheManager:
                        computed_blocks: list[int] | None = None) -> bool:
         """Room for ``num_new_tokens`` after the request's computed tokens (and ``computed_blocks`` hits)."""
         computed_blocks = computed_blocks or []
-        table = self.block_tables.get(request.request_id, [])
+        table = self.block_tables.get(request.request_id)
+        if table is None:
+            table = []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_required = self.blocks_needed(num_computed + num_new_tokens)
         num_new_blocks = max(0, num_required - len(table) - len(computed_blocks))
+        if num_new_blocks == 0 and not computed_blocks:
+            return True  # the common decode step: the last block still has room
         # Hits on free blocks leave the free queue, so they count against what is free.
         num_hits_on_free = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
         if num_new_blocks + num_hits_on_free > self.pool.num_free_blocks:
             return False
         self.pool.touch(computed_blocks)
-        self.block_tables[request.request_id] = table + computed_blocks + self.pool.allocate(num_new_blocks)
+        self.block_tables[request.request_id] = table
+        table.extend(computed_blocks)
+        table.extend(self.pool.allocate(num_new_blocks))
         return True
 
     def cache_computed_blocks(self, request: Request) -> None:
@@ -83,12 +90,15 @@ class KVCacheManager:
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
         table = self.block_tables[request.request_id]
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
-        for index in range(num_full):
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        for index in range(start, num_full):
             self.pool.cache_block(table[index], request.block_hashes[index])
+        self._num_cached_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, last block first (so it is evicted first)."""
         table = self.block_tables.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
         if table:
             self.pool.free(reversed(table))
 
