@@ -1,0 +1,425 @@
+"""AsyncLLMEngine: one engine thread steps the LLMEngine; many asyncio callers each get a stream of outputs.
+
+Why a thread and not a process: the engine's time goes to torch kernels, which release
+the GIL, so HTTP work on the event loop and the engine loop overlap without pickling
+outputs across a process boundary (see benchmarks/serve_load.py for the measurement).
+
+Threading contract (the LLMEngine itself is not thread-safe):
+- only the engine thread calls into the LLMEngine (add, abort, step, stats);
+- the event-loop thread talks to it through a FIFO of commands (add / abort / stop);
+- the engine thread hands results back with ``loop.call_soon_threadsafe``, once per step;
+- when idle the engine thread blocks on the command queue, so it never spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Optional, Protocol
+
+from splitfuse.engine.llm_engine import QueueFullError  # re-exported: the engine refuses, the server says 429
+from splitfuse.outputs import RequestOutput
+from splitfuse.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStepError", "EngineStoppedError", "QueueFullError",
+           "RequestObserver", "RequestStream"]
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down (or has stopped) and accepts no new requests."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed and cannot serve; the process should be restarted."""
+
+
+class EngineStepError(RuntimeError):
+    """One engine step raised; the requests in flight at that moment were aborted."""
+
+
+class RequestObserver(Protocol):
+    """Receives per-request latencies as outputs reach the event loop (e.g. Prometheus histograms)."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+
+    def on_inter_token(self, itl_s: float) -> None: ...
+
+    def on_finished(self, finish_reason: str, e2e_s: float) -> None: ...
+
+
+@dataclasses.dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int
+    stream: "RequestStream"
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+_STOP = object()
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator of cumulative ``RequestOutput``s.
+
+    Outputs are cumulative, so a slow consumer only needs the newest one: the stream
+    keeps the latest output instead of a backlog (a consumer that lags three steps
+    wakes once and sees all three steps' tokens). Iteration ends after the finished output.
+    Lives on the event loop; only ``AsyncLLMEngine`` feeds it.
+    """
+
+    def __init__(self, request_id: str, engine: "AsyncLLMEngine", arrival_time: float) -> None:
+        self.request_id = request_id
+        self.arrival_time = arrival_time
+        self._engine = engine
+        self._latest: Optional[RequestOutput] = None
+        self._error: Optional[BaseException] = None
+        self._wakeup = asyncio.Event()
+        self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished = False  # the finished output was delivered (or the stream failed)
+        self._exhausted = False
+        # Latency bookkeeping (event-loop clock), for the observer.
+        self._first_token_time: Optional[float] = None
+        self._last_token_time: Optional[float] = None
+        self._num_positions = 0
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while True:
+            if self._latest is not None:
+                output, self._latest = self._latest, None
+                if output.finished:
+                    self._exhausted = True
+                return output
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._exhausted = True
+                raise error
+            if self._exhausted:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def abort(self) -> None:
+        """Stop the request now (frees its KV blocks); a no-op once it has finished."""
+        self._engine.abort(self.request_id)
+
+    # Called on the event loop by AsyncLLMEngine.
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        if output.finished:
+            self.finished = True
+        self._wakeup.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.finished = True
+        if not self._accepted.done():
+            self._accepted.set_exception(error)
+            return
+        self._error = error
+        self._wakeup.set()
+
+
+class AsyncLLMEngine:
+    """Serves many concurrent asyncio callers from one engine thread.
+
+    Usage (inside a running event loop)::
+
+        engine = AsyncLLMEngine(LLMEngine.from_config(config))
+        engine.start()
+        async for output in engine.generate("req-1", "Hello", SamplingParams(max_tokens=8)):
+            print(output.outputs[0].text)   # cumulative text
+        await engine.shutdown()
+
+    ``add_request`` raises ``ValueError`` (bad request, message from the engine),
+    ``QueueFullError`` (a ValueError: the waiting queue is at max_waiting_requests),
+    ``EngineStoppedError`` or ``EngineDeadError`` before any output arrives, so an HTTP
+    layer can answer with a status code before it starts a stream.
+    """
+
+    def __init__(self, engine: Any, *, observer: Optional[RequestObserver] = None) -> None:
+        self.engine = engine
+        self.observer = observer
+        # HF fast tokenizers raise "Already borrowed" when two threads use one instance,
+        # and the engine thread detokenizes all the time: the event loop gets its own copy.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # event-loop thread only
+        self._live_ids: set[str] = set()  # engine thread only: ids added and not yet finished/aborted
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._accepting = False
+        self._shutdown_task: Optional[asyncio.Future[None]] = None
+        self._dead_error: Optional[BaseException] = None
+        self._stats: Any = None
+        self.num_steps = 0
+        self.busy_time_s = 0.0  # wall time spent inside engine.step(); steps/busy = step rate
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> "AsyncLLMEngine":
+        from splitfuse.engine.llm_engine import LLMEngine
+
+        return cls(LLMEngine.from_config(config), **kwargs)
+
+    # ----- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the outputs."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stats = self.engine.get_stats()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="splitfuse-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Refuse new requests, let in-flight ones finish for up to ``timeout_s``, abort the rest, stop.
+
+        Idempotent: a second call waits for the shutdown already under way.
+        """
+        self._begin_shutdown(timeout_s)
+        assert self._shutdown_task is not None
+        await asyncio.shield(self._shutdown_task)
+
+    def begin_shutdown(self, timeout_s: float) -> None:
+        """Start ``shutdown`` without waiting; safe from any thread and from a signal handler."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._begin_shutdown, timeout_s)
+
+    def _begin_shutdown(self, timeout_s: float) -> None:
+        if self._shutdown_task is None:
+            self._accepting = False
+            self._shutdown_task = asyncio.ensure_future(self._shutdown(timeout_s))
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._streams and time.monotonic() < deadline and self.is_alive:
+            await asyncio.sleep(0.02)
+        # Failing the streams (rather than cancelling their handlers) lets each response end
+        # properly: an error event and [DONE] for a stream, a 503 for a plain request.
+        for request_id, stream in list(self._streams.items()):
+            self.abort(request_id)
+            stream._fail(EngineStoppedError("the server is shutting down; request aborted"))
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            await asyncio.to_thread(self._thread.join, max(1.0, deadline - time.monotonic()))
+            self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead_error is None
+
+    @property
+    def stats(self) -> Any:
+        """The engine's ``EngineStats`` after the latest step (a snapshot; safe to read from any thread)."""
+        return self._stats
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests whose streams are still open (accepted or about to be)."""
+        return len(self._streams)
+
+    # ----- requests (event-loop thread) ---------------------------------------------------
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                          priority: int = 0, arrival_time: Optional[float] = None) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it, or raises why not."""
+        if self._dead_error is not None:
+            raise EngineDeadError(f"the engine has stopped after an error: {self._dead_error!r}")
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down and accepts no new requests")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        stream = RequestStream(request_id, self, arrival_time)
+        self._streams[request_id] = stream
+        self._commands.put(_Add(request_id, prompt, params, arrival_time, priority, stream))
+        try:
+            # shield: a cancelled caller must not cancel the shared future; we abort instead.
+            await asyncio.shield(stream._accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                       priority: int = 0, arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+        """``add_request`` + iterate; leaving the loop early (break, cancel, error) aborts the request.
+
+        Wrap in ``contextlib.aclosing`` so that an early exit aborts at once, not at garbage collection.
+        """
+        stream = await self.add_request(request_id, prompt, params, priority=priority, arrival_time=arrival_time)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort one request (unknown or finished ids are ignored). Call on the event loop."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or stream.finished:
+            return
+        stream.finished = True
+        # Nobody awaits the acceptance any more; read its outcome so asyncio does not warn.
+        stream._accepted.add_done_callback(lambda future: future.cancelled() or future.exception())
+        self._commands.put(_Abort([request_id]))
+        if self.observer is not None:
+            self.observer.on_finished("abort", time.time() - stream.arrival_time)
+
+    # ----- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._handle_commands(block=idle):
+                    return
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as error:  # a bug in the engine itself: fail every caller, stay down
+            logger.exception("engine thread died")
+            self._dead_error = error
+            self._post(self._fail_all, EngineDeadError(f"the engine thread died: {error!r}"))
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for the first one when ``block``); False on stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command is _STOP:
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                live = [rid for rid in command.request_ids if rid in self._live_ids]
+                if live:
+                    self.engine.abort_request(live)
+                    self._live_ids.difference_update(live)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                # Aborts free blocks without a step: refresh the snapshot so /metrics sees it.
+                self._stats = self.engine.get_stats()
+                return True
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params,
+                                    arrival_time=command.arrival_time, priority=command.priority)
+        except Exception as error:  # ValueError (QueueFullError too) for a refused request; anything else as well
+            self._post(command.stream._fail, error)
+            return
+        self._live_ids.add(command.request_id)
+        self._post(_accept, command.stream)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            self._recover_from_step_error(error)
+            return
+        self.busy_time_s += time.perf_counter() - started
+        self.num_steps += 1
+        for output in outputs:
+            if output.finished:
+                self._live_ids.discard(output.request_id)
+        self._stats = self.engine.get_stats()
+        if outputs:
+            # The engine builds fresh RequestOutputs (own lists) each step, so they can cross threads as they are.
+            self._post(self._dispatch, outputs)
+
+    def _recover_from_step_error(self, error: Exception) -> None:
+        # The step may have left any request half-updated: abort all of them so the
+        # engine's state is clean again, tell their callers, and keep serving.
+        logger.exception("engine step failed; aborting %d request(s)", len(self._live_ids))
+        failed = list(self._live_ids)
+        self.engine.abort_request(failed)  # if this raises too, _run marks the engine dead
+        self._live_ids.clear()
+        self._stats = self.engine.get_stats()
+        self._post(self._fail_ids, failed, EngineStepError(f"the engine failed while running this request: {error!r}"))
+
+    def _post(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    # ----- event-loop side of the hand-off ----------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted by its caller after this step started
+                continue
+            self._observe(stream, output, now)
+            stream._put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _observe(self, stream: RequestStream, output: RequestOutput, now: float) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        positions = max((len(c.token_ids) for c in output.outputs), default=0)
+        new_positions = positions - stream._num_positions
+        if new_positions > 0:
+            if stream._first_token_time is None:
+                stream._first_token_time = now
+                observer.on_first_token(now - stream.arrival_time)
+                new_positions -= 1
+            if new_positions > 0 and stream._last_token_time is not None:
+                # Several tokens in one step (e.g. a resumed request): spread the gap over them.
+                gap_s = (now - stream._last_token_time) / new_positions
+                for _ in range(new_positions):
+                    observer.on_inter_token(gap_s)
+            stream._last_token_time = now
+            stream._num_positions = positions
+        if output.finished:
+            reason = output.outputs[0].finish_reason if output.outputs else None
+            observer.on_finished(reason or "stop", now - stream.arrival_time)
+
+    def _fail_ids(self, request_ids: Iterable[str], error: BaseException) -> None:
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._fail(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_ids(list(self._streams), error)
+
+
+def _accept(stream: RequestStream) -> None:
+    if not stream._accepted.done():
+        stream._accepted.set_result(None)
+

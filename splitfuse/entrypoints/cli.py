@@ -1,0 +1,28 @@
+"""The `splitfuse` command: serve, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from splitfuse.benchmark.cli import add_bench_parser
+    from splitfuse.entrypoints.openai.cli_args import add_generate_parser, add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="splitfuse", description="LLM serving engine.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_bench_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""ServerConfig: the HTTP server's knobs, with their --help text in field metadata (like splitfuse.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+API_KEY_ENV = "SPLITFUSE_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _help("Address to listen on (use 0.0.0.0 to accept connections from other machines).",
+                      default="127.0.0.1")
+    port: int = _help("TCP port to listen on.", default=8000)
+    api_key: Optional[str] = _help(
+        f"Require 'Authorization: Bearer <key>' on /v1 routes (default: the {API_KEY_ENV} environment variable; "
+        "unset means no key).", default=None)
+    served_model_name: Optional[tuple[str, ...]] = _help(
+        "Name(s) clients use in the 'model' field; the first is reported in responses "
+        "(default: the model path, or 'splitfuse-demo' for the demo model).", default=None)
+    log_level: str = _help("Log level of the server and engine.", default="info")
+    max_request_body_bytes: int = _help("Larger request bodies get HTTP 413.", default=10 * 1024 * 1024)
+    shutdown_timeout_s: float = _help(
+        "On SIGINT/SIGTERM, how long in-flight requests may run before they are aborted (seconds).",
+        default=10.0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be >= 1, got {self.max_request_body_bytes}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        if isinstance(self.served_model_name, str):
+            object.__setattr__(self, "served_model_name", (self.served_model_name,))

@@ -1,0 +1,150 @@
+"""POST /v1/chat/completions: messages -> the checkpoint's chat template -> token ids -> engine -> reply or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+
+from splitfuse.engine.async_engine import RequestStream
+from splitfuse.entrypoints.openai.errors import OpenAIError, from_engine_error
+from splitfuse.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                                   ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                                                   ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
+                                                   DeltaMessage, TopLogprob)
+from splitfuse.entrypoints.openai.serving_common import (SSE_DONE, ClientDisconnected, DeltaTracker, OpenAIServing,
+                                                         final_outputs, merge_streams, run_unless_disconnected, sse,
+                                                         sse_error, token_text, top_entries, usage_of)
+from splitfuse.outputs import Logprob, RequestOutput
+from splitfuse.sampling_params import SamplingParams
+
+# Arguments of apply_chat_template that the server sets itself; clients may pass any others.
+_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "tokenize", "add_generation_prompt", "return_dict",
+                                     "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and SamplingParams'
+# Stand-in when the engine omits the chosen token's logprob (JSON has no -inf).
+_MISSING_LOGPROB = -9999.0
+
+
+class OpenAIServingChat(OpenAIServing):
+    """Handles /v1/chat/completions with the chat template from the checkpoint's tokenizer config."""
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        model_name = self.check_model(request.model)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise OpenAIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
+                              param="top_logprobs")
+        prompt_token_ids = self.render_prompt(request)
+        # No max_tokens: the engine gives the request what is left of the context window.
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        params = self.sampling_params(request, max_tokens=max_tokens,
+                                      logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        (stream,) = await self.start_requests(request_id, [prompt_token_ids], params, request.priority)
+        created = int(time.time())
+        if request.stream:
+            chunks = self._stream(request_id, model_name, created, request, params, stream)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        try:
+            (output,) = await run_unless_disconnected(raw_request, final_outputs([stream]))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as error:
+            raise from_engine_error(error) from None
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              logprobs=self._logprobs(request, c.token_ids, c.logprobs),
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                   for c in output.outputs]
+        response = ChatCompletionResponse(id=request_id, created=created, model=model_name, choices=choices,
+                                          usage=usage_of([output]))
+        return JSONResponse(response.model_dump())
+
+    def render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        """Messages -> prompt token ids via the tokenizer's chat template (400 when it cannot render)."""
+        tokenizer = self.engine.tokenizer
+        extra_args = {k: v for k, v in (request.chat_template_kwargs or {}).items()
+                      if k not in _RESERVED_TEMPLATE_ARGS}
+        try:
+            text = tokenizer.apply_chat_template([_to_template_message(m) for m in request.messages],
+                                                 tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                                                 **extra_args)
+        except (ValueError, TypeError, TemplateError) as error:
+            raise OpenAIError(f"cannot apply the chat template: {error}", param="messages") from None
+        # The template already wrote BOS and friends as text; adding them again would double them.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _logprobs(self, request: ChatCompletionRequest, token_ids: Sequence[int],
+                  logprobs: Optional[list[dict[int, Logprob]]]) -> Optional[ChatLogprobs]:
+        if not request.logprobs:
+            return None
+        tokenizer = self.engine.tokenizer
+        num_top = request.top_logprobs or 0
+        content = []
+        for position, token_id in enumerate(token_ids):
+            entries = logprobs[position] if logprobs is not None and position < len(logprobs) else {}
+            chosen = entries.get(token_id)
+            token = token_text(tokenizer, token_id, chosen)
+            top = [_top_logprob(token_text(tokenizer, tid, lp), lp.logprob) for tid, lp in top_entries(entries, num_top)]
+            logprob = chosen.logprob if chosen is not None else _MISSING_LOGPROB
+            content.append(ChatTokenLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")),
+                                            top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    async def _stream(self, request_id: str, model_name: str, created: int, request: ChatCompletionRequest,
+                      params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
+        tracker = DeltaTracker(request.n, params)
+        final: Optional[RequestOutput] = None
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+
+        def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model_name, choices=choices,
+                                           usage=usage))
+
+        try:
+            # OpenAI opens every choice with the role and empty content.
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                         for i in range(request.n)])
+            async with aclosing(merge_streams([stream])) as outputs:
+                async for _, output in outputs:
+                    choices = []
+                    for completion in output.outputs:
+                        delta = tracker.delta(completion.index, completion)
+                        if delta is None or not (delta.text or delta.finish_reason or request.logprobs):
+                            continue
+                        choices.append(ChatStreamChoice(
+                            index=completion.index, delta=DeltaMessage(content=delta.text or None),
+                            logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
+                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+                    if output.finished:
+                        final = output
+                    if choices:
+                        yield chunk(choices)
+            if include_usage and final is not None:
+                yield chunk([], usage_of([final]))
+            yield SSE_DONE
+        except Exception as error:  # the engine failed mid-stream: report in-band, the status is already 200
+            yield sse_error(error)
+            yield SSE_DONE
+        finally:
+            stream.abort()
+
+
+def _to_template_message(message: ChatMessage) -> dict[str, str]:
+    content = message.content
+    if isinstance(content, list):
+        content = "\n".join(part.text for part in content)
+    # "developer" is OpenAI's newer name for "system"; checkpoint templates know only the latter.
+    role = "system" if message.role == "developer" else message.role
+    return {"role": role, "content": content or ""}
+
+
+def _top_logprob(token: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))

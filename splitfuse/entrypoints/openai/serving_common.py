@@ -1,0 +1,267 @@
+"""What completions and chat share: request -> SamplingParams, starting engine requests, deltas, SSE, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Optional, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from splitfuse.engine.async_engine import AsyncLLMEngine, QueueFullError, RequestStream
+from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, from_engine_error
+from splitfuse.entrypoints.openai.protocol import BaseSamplingRequest, UsageInfo
+from splitfuse.outputs import CompletionOutput, Logprob, RequestOutput
+from splitfuse.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+MAX_N = 128  # choices per request; more would let one request hog the whole batch
+SSE_DONE = "data: [DONE]\n\n"
+_REPLACEMENT_CHAR = "\ufffd"
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | frozenset(
+    {"prompt", "messages", "model", "max_completion_tokens", "top_logprobs"})
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its response was ready."""
+
+
+def sse(chunk: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event: ``data: {...}`` and a blank line."""
+    payload = chunk.model_dump_json() if isinstance(chunk, BaseModel) else _json(chunk)
+    return f"data: {payload}\n\n"
+
+
+def sse_error(error: BaseException) -> str:
+    """An error after the stream started (status 200 already sent): reported as one event."""
+    api_error = from_engine_error(error, _PARAM_NAMES)
+    return f"data: {_json(error_body(api_error.message, api_error.status, code=api_error.code))}\n\n"
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
+    """Prompt tokens count once per prompt; completion tokens once per generated token of every choice."""
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class OpenAIServing:
+    """Base of the completion and chat handlers: owns the engine handle and the model names."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: Any = None) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.metrics = metrics
+
+    def check_model(self, requested: Optional[str]) -> str:
+        """The name to report; an unknown name is a 400 (an omitted one means the default model)."""
+        if requested is None or requested in self.served_model_names:
+            return requested or self.served_model_names[0]
+        raise OpenAIError(f"the model '{requested}' does not exist; this server serves "
+                          f"{', '.join(repr(n) for n in self.served_model_names)}",
+                          400, param="model", code="model_not_found")
+
+    def sampling_params(self, request: BaseSamplingRequest, *, max_tokens: Optional[int],
+                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        """SamplingParams from the request fields; a bad value is a 400 naming the field."""
+        if not 1 <= request.n <= MAX_N:
+            raise OpenAIError(f"n must be between 1 and {MAX_N}, got {request.n}", param="n")
+        logit_bias = None
+        if request.logit_bias:
+            try:
+                logit_bias = {int(token): bias for token, bias in request.logit_bias.items()}
+            except ValueError:
+                raise OpenAIError("logit_bias keys must be token ids (integers as strings)",
+                                  param="logit_bias") from None
+        top_k = request.top_k or 0
+        if top_k > self.engine.vocab_size:  # same meaning, and the sampler never asks for more than exist
+            top_k = 0
+        try:
+            params = SamplingParams(
+                n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p, top_k=top_k,
+                min_p=request.min_p or 0.0,
+                repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                logit_bias=logit_bias, seed=request.seed, stop=request.stop,
+                stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=request.skip_special_tokens,
+                include_stop_str_in_output=request.include_stop_str_in_output)
+        except (ValueError, TypeError) as error:
+            raise from_engine_error(error, _PARAM_NAMES) from None
+        vocab_size = self.engine.vocab_size
+        try:
+            params.validate_for_vocab(vocab_size)
+        except ValueError as error:
+            bad_stop = any(not 0 <= t < vocab_size for t in params.stop_token_ids or [])
+            raise OpenAIError(str(error), param="stop_token_ids" if bad_stop else "logit_bias") from None
+        if params.seed is not None and not -(1 << 63) <= params.seed < (1 << 63):
+            raise OpenAIError(f"seed must be a signed 64-bit integer, got {params.seed}", param="seed")
+        return params
+
+    async def start_requests(self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams,
+                             priority: int) -> list[RequestStream]:
+        """Add one engine request per prompt; all or nothing (a failure aborts the ones already added).
+
+        The adds go out together, so the engine takes them all in one command batch.
+        """
+        sub_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(*(self.engine.add_request(sub_id, prompt, params, priority=priority)
+                                         for sub_id, prompt in zip(sub_ids, prompts)), return_exceptions=True)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if not errors:
+            return list(results)  # type: ignore[arg-type]
+        for result in results:
+            if isinstance(result, RequestStream):
+                result.abort()
+        error = errors[0]
+        if not isinstance(error, Exception):  # e.g. CancelledError: not a refusal
+            raise error
+        if self.metrics is not None:
+            self.metrics.on_rejected("queue_full" if isinstance(error, QueueFullError) else "invalid")
+        raise from_engine_error(error, _PARAM_NAMES) from None
+
+
+async def final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]:
+    """Wait for every stream's finished output; aborts them all if cancelled."""
+    async def last(stream: RequestStream) -> RequestOutput:
+        output = None
+        async for output in stream:
+            pass
+        assert output is not None and output.finished
+        return output
+
+    try:
+        return list(await asyncio.gather(*(last(s) for s in streams)))
+    finally:
+        for stream in streams:
+            stream.abort()
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (its requests abort) and raise."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work_task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if work_task.done():
+        return work_task.result()
+    work_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work_task
+    raise ClientDisconnected()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be http.disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    pending = {asyncio.ensure_future(anext_or_none(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                output = task.result()
+                if output is None:
+                    continue
+                yield index, output
+                pending[asyncio.ensure_future(anext_or_none(streams[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def anext_or_none(stream: RequestStream) -> Optional[RequestOutput]:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def token_text(tokenizer: Any, token_id: int, logprob: Optional[Logprob]) -> str:
+    """The text of one token as OpenAI shows it (" world", not "Ġworld")."""
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def top_entries(position: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
+    """The ``num_top`` most likely entries of one position, best first."""
+    ranked = sorted(position.items(), key=lambda item: item[1].rank)
+    return [(token_id, lp) for token_id, lp in ranked if lp.rank <= num_top]
+
+
+@dataclasses.dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list[dict[int, Logprob]]]
+    finish_reason: Optional[str]
+    stop_reason: Optional[int | str]
+
+
+class DeltaTracker:
+    """Turns cumulative outputs into what is new since the last send, per choice.
+
+    While a choice runs, the last ``len(longest stop string) - 1`` characters are held
+    back (they could still turn out to start a stop string that the engine will cut), and
+    so is a trailing U+FFFD (the engine's stand-in for a character whose bytes are incomplete).
+    """
+
+    def __init__(self, num_choices: int, params: SamplingParams) -> None:
+        self._sent_chars = [0] * num_choices
+        self._sent_tokens = [0] * num_choices
+        self._finished = [False] * num_choices
+        stops = params.stop_strings
+        self._hold_back_chars = 0 if (not stops or params.include_stop_str_in_output) else max(map(len, stops)) - 1
+
+    def delta(self, slot: int, completion: CompletionOutput) -> Optional[Delta]:
+        """What to send for choice ``slot`` now; None when there is nothing new."""
+        if self._finished[slot]:
+            return None
+        finished = completion.finish_reason is not None
+        text = completion.text
+        end = len(text)
+        if not finished:
+            # A trailing U+FFFD is an incomplete character that the next token may still complete.
+            end = max(self._sent_chars[slot], len(text.rstrip(_REPLACEMENT_CHAR)) - self._hold_back_chars)
+        new_text = text[self._sent_chars[slot]:end]
+        first = self._sent_tokens[slot]
+        new_tokens = completion.token_ids[first:]
+        if not new_text and not new_tokens and not finished:
+            return None
+        self._sent_chars[slot] = end
+        self._sent_tokens[slot] = len(completion.token_ids)
+        self._finished[slot] = finished
+        logprobs = None if completion.logprobs is None else completion.logprobs[first:]
+        return Delta(new_text, list(new_tokens), logprobs, completion.finish_reason, completion.stop_reason)
+
+    def all_finished(self) -> bool:
+        return all(self._finished)
