@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitfuse.attention.backend import AttentionBackend
+from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
 from splitfuse.models.config import ArchConfig
@@ -99,6 +100,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
+        self.packed_logits: PackedLinear | None = None
 
     @staticmethod
     def make_mlp(config: ArchConfig) -> nn.Module:
@@ -112,7 +114,18 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(positions, hidden, kv_cache, attn_metadata)
         return self.norm(hidden)
 
+    def prepare_for_inference(self) -> None:
+        """After the weights are loaded: pack linear weights where that is faster (bf16 on CPU)."""
+        weight = self.embed_tokens.weight
+        if not packing_supported(weight.device, weight.dtype):
+            return
+        lm_weight = weight if self.lm_head is None else self.lm_head.weight
+        self.packed_logits = PackedLinear(lm_weight, None)
+        pack_linear_layers(self.layers)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_logits is not None:
+            return self.packed_logits(hidden)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
 

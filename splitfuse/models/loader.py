@@ -58,6 +58,7 @@ def load_model(path: str, config: ArchConfig, dtype: torch.dtype, device: torch.
     finally:
         torch.set_default_dtype(previous_dtype)
     _WeightLoader(model).load(iterate_checkpoint(path))
+    model.prepare_for_inference()
     return model.eval()
 
 
