@@ -1,7 +1,8 @@
 """Torch-native paged attention: the reference backend, on CPU and CUDA, built on SDPA.
 
-Decodes (one query token) are batched into one SDPA call over their gathered
-context, padded to the longest and masked. Every other request (a prompt chunk)
+Decodes (one query token) are batched into SDPA calls over their gathered context,
+padded and masked; the runner orders decodes by context length and they are cut into
+a few length buckets, so short contexts do not pay for the longest one. Every other request (a prompt chunk)
 gets its own SDPA call: a chunk that starts at position 0 attends only to its own
 new keys with a plain causal mask; a later chunk gathers its cached context.
 Context is gathered a whole block at a time (index_select over blocks), which is
@@ -30,13 +31,37 @@ class _ChunkPlan:
 
 
 @dataclass
+class _DecodeBucket:
+    row_start: int
+    row_end: int
+    block_tables: torch.Tensor  # [rows, max_blocks]
+    masks: dict[Optional[int], torch.Tensor]  # window -> [rows, 1, 1, max_blocks * block_size] bool
+
+
+@dataclass
 class TorchNativeMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
     block_size: int
-    decode_block_tables: Optional[torch.Tensor] = None   # [num_decodes, max_blocks]
-    decode_masks: dict[Optional[int], torch.Tensor] = field(default_factory=dict)  # [D, 1, 1, blocks * size]
+    decode_buckets: list[_DecodeBucket] = field(default_factory=list)
     chunks: list[_ChunkPlan] = field(default_factory=list)
+
+
+# A new decode bucket starts where the context is this much longer than the bucket's first
+# row (rows are sorted by context length), so padding wastes at most about a third.
+_BUCKET_GROWTH = 1.5
+_MIN_BUCKET_ROWS = 4
+
+
+def decode_buckets(context_lens: np.ndarray) -> list[tuple[int, int]]:
+    """Row ranges of sorted context lengths: [10, 11, 12, 13, 40, 41, 42, 43] -> [(0, 4), (4, 8)]."""
+    buckets, start = [], 0
+    for row in range(1, len(context_lens)):
+        if row - start >= _MIN_BUCKET_ROWS and context_lens[row] > _BUCKET_GROWTH * context_lens[start]:
+            buckets.append((start, row))
+            start = row
+    buckets.append((start, len(context_lens)))
+    return buckets
 
 
 class TorchNativeBackend:
@@ -53,18 +78,20 @@ class TorchNativeBackend:
 
     def _plan_decodes(self, layout: BatchLayout, windows: tuple[Optional[int], ...],
                       metadata: TorchNativeMetadata) -> None:
-        num = layout.num_decodes
-        context_lens = layout.context_lens[:num]
-        num_blocks = -(-int(context_lens.max()) // layout.block_size)
-        # Rows shorter than the longest are padded with block 0: a real block, masked out below.
-        metadata.decode_block_tables = torch.from_numpy(
-            np.ascontiguousarray(layout.block_tables[:num, :num_blocks])).to(self.device)
-        positions = np.arange(num_blocks * layout.block_size)[None, :]
-        for window in windows:
-            valid = positions < context_lens[:, None]
-            if window is not None:
-                valid &= positions > (context_lens[:, None] - 1 - window)
-            metadata.decode_masks[window] = torch.from_numpy(valid[:, None, None, :].copy()).to(self.device)
+        context_lens = layout.context_lens[:layout.num_decodes]
+        for row_start, row_end in decode_buckets(context_lens):
+            lens = context_lens[row_start:row_end]
+            num_blocks = -(-int(lens.max()) // layout.block_size)
+            # Rows shorter than the longest are padded with block 0: a real block, masked out below.
+            tables = torch.from_numpy(np.ascontiguousarray(layout.block_tables[row_start:row_end, :num_blocks]))
+            positions = np.arange(num_blocks * layout.block_size)[None, :]
+            masks = {}
+            for window in windows:
+                valid = positions < lens[:, None]
+                if window is not None:
+                    valid &= positions > (lens[:, None] - 1 - window)
+                masks[window] = torch.from_numpy(valid[:, None, None, :].copy()).to(self.device)
+            metadata.decode_buckets.append(_DecodeBucket(row_start, row_end, tables.to(self.device), masks))
 
     def _plan_chunk(self, layout: BatchLayout, i: int, windows: tuple[Optional[int], ...]) -> _ChunkPlan:
         query_len = int(layout.query_lens[i])
@@ -95,14 +122,13 @@ class TorchNativeBackend:
         key_cache.index_copy_(0, metadata.slot_mapping, key)
         value_cache.index_copy_(0, metadata.slot_mapping, value)
         output = torch.empty_like(query)
-        num_decodes = metadata.num_decodes
         block_size = metadata.block_size
-        if num_decodes:
-            tables = metadata.decode_block_tables
-            keys = _gather_blocks(key_cache, tables, block_size)      # [D, blocks * size, KVH, Dh]
-            values = _gather_blocks(value_cache, tables, block_size)
-            output[:num_decodes] = _sdpa(query[:num_decodes].unsqueeze(1), keys, values,
-                                         metadata.decode_masks[sliding_window], scale).squeeze(1)
+        for bucket in metadata.decode_buckets:
+            rows = slice(bucket.row_start, bucket.row_end)
+            keys = _gather_blocks(key_cache, bucket.block_tables, block_size)  # [rows, blocks * size, KVH, Dh]
+            values = _gather_blocks(value_cache, bucket.block_tables, block_size)
+            output[rows] = _sdpa(query[rows].unsqueeze(1), keys, values, bucket.masks[sliding_window],
+                                 scale).squeeze(1)
         for chunk in metadata.chunks:
             rows = slice(chunk.token_start, chunk.token_end)
             if chunk.context_blocks is None:

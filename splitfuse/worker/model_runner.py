@@ -44,7 +44,7 @@ class ModelRunner:
     def execute(self, requests: list[Request], num_new_tokens: list[int],
                 block_tables: list[list[int]]) -> StepResult:
         """One forward over every scheduled token; samples for requests whose known tokens are now all computed."""
-        order = sorted(range(len(requests)), key=lambda i: num_new_tokens[i] != 1)  # decodes first (stable)
+        order = _batch_order(requests, num_new_tokens)
         requests = [requests[i] for i in order]
         query_lens = np.array([num_new_tokens[i] for i in order], dtype=np.int64)
         block_tables = [block_tables[i] for i in order]
@@ -90,3 +90,11 @@ class ModelRunner:
             num_decodes=int(np.count_nonzero(query_lens == 1)), block_size=self.block_size)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return input_ids, torch.from_numpy(positions).to(self.device), layout
+
+
+def _batch_order(requests: list[Request], num_new_tokens: list[int]) -> list[int]:
+    """Decodes first, shortest context first (the attention backend buckets them by length); then chunks."""
+    def key(i: int) -> tuple[bool, int]:
+        is_decode = num_new_tokens[i] == 1
+        return (not is_decode, requests[i].num_computed_tokens if is_decode else 0)
+    return sorted(range(len(requests)), key=key)

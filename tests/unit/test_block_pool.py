@@ -120,3 +120,4 @@ def test_manager_frees_tail_first_so_tail_is_evicted_first():
     manager.pool.allocate(2)
     again = make_request("b", [1, 2, 3, 4, 9])
     assert manager.get_computed_blocks(again) == [0, 1]
+
