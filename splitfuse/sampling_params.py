@@ -81,7 +81,8 @@ class SamplingParams:
               f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
         check(-2.0 <= self.frequency_penalty <= 2.0,
               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(self.seed is None or (isinstance(self.seed, int) and -(1 << 63) <= self.seed < (1 << 63)),
+              f"seed must be a signed 64-bit integer, got {self.seed!r}")
         for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             check(value is None or (isinstance(value, int) and 0 <= value <= _MAX_LOGPROBS),
                   f"{name} must be an integer in [0, {_MAX_LOGPROBS}], got {value!r}")

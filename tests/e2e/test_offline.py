@@ -170,6 +170,7 @@ def test_bad_input_raises_and_leaves_the_engine_usable(llm, prompt, params, erro
     (dict(min_tokens=5, max_tokens=2), "min_tokens .5. must be <= max_tokens .2."),
     (dict(logprobs=99), "logprobs must be an integer in"),
     (dict(stop=[""]), "stop strings must be non-empty"),
+    (dict(seed=1 << 70), "seed must be a signed 64-bit integer"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, error):
     with pytest.raises(ValueError, match=error):
