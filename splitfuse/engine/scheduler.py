@@ -127,6 +127,7 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, num_new, computed_blocks):
                 break  # first come, first served: nobody overtakes a request that does not fit
             del self.waiting[index]
+            self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached

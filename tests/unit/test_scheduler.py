@@ -171,3 +171,15 @@ def test_every_request_finishes_and_all_blocks_return(budget):
         assert steps < 500
     assert all(r.num_output_tokens == 4 for r in requests)
     assert scheduler.kv_cache.num_free_blocks == 10
+
+
+def test_prefix_cache_stats_count_each_admission_once():
+    scheduler = make_scheduler(budget=64, max_num_seqs=8, num_blocks=4, block_size=4)
+    add(scheduler, "first", 10, max_tokens=1)
+    fake_step(scheduler)                       # admitted: 10 tokens looked up, no hits
+    add(scheduler, "hog", 13, max_tokens=3, first_token=500)
+    fake_step(scheduler)                       # takes all 4 blocks
+    add(scheduler, "second", 10, max_tokens=1)
+    fake_step(scheduler)                       # "second" waits: no room, not counted
+    fake_step(scheduler)
+    assert (scheduler.kv_cache.prefix_cache_queries, scheduler.kv_cache.prefix_cache_hits) == (23, 0)
