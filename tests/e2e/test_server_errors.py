@@ -83,6 +83,7 @@ def wait_until_idle(http: httpx.Client, timeout_s: float = 20.0) -> dict[str, fl
     ("presence_penalty", 3, "presence_penalty must be in [-2, 2]"),
     ("min_tokens", 9, "min_tokens (9) must be <= max_tokens (3)"),
     ("stop_token_ids", [100_000], "token id 100000 is outside the vocabulary (size 512)"),
+    ("seed", 1 << 64, "seed must be a signed 64-bit integer, got 18446744073709551616"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(http, field, value, message):
     assert_error(http.post("/v1/completions", json={**OK_BODY, field: value}), 400, message, field)

@@ -108,8 +108,6 @@ class OpenAIServing:
         except ValueError as error:
             bad_stop = any(not 0 <= t < vocab_size for t in params.stop_token_ids or [])
             raise OpenAIError(str(error), param="stop_token_ids" if bad_stop else "logit_bias") from None
-        if params.seed is not None and not -(1 << 63) <= params.seed < (1 << 63):
-            raise OpenAIError(f"seed must be a signed 64-bit integer, got {params.seed}", param="seed")
         return params
 
     async def start_requests(self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams,
