@@ -21,9 +21,11 @@ def main() -> None:
     parser.add_argument("--model", default="", help="checkpoint directory (default: the demo model)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed before profiling")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu-kernel", "torch"))
     args = parser.parse_args()
 
-    engine = LLM(model=args.model, dtype="bfloat16", max_num_seqs=max(64, args.batch)).engine
+    engine = LLM(model=args.model, dtype="bfloat16", max_num_seqs=max(64, args.batch),
+                 attention_backend=args.attention_backend).engine
     generator = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=args.steps + 64, ignore_eos=True, detokenize=False)
     for i in range(args.batch):

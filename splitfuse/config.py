@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _DTYPES = ("bfloat16", "float16", "float32", "auto")
+ATTENTION_BACKENDS = ("auto", "cpu-kernel", "torch")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -48,10 +49,16 @@ class ModelConfig:
     tokenizer: Optional[str] = _help("Tokenizer directory (default: the model directory).", default=None)
     device: str = _help("Device to run on: cpu or cuda (default: cuda when available).", default="auto")
     seed: int = _help("Seed of the engine's random generator (requests without their own seed).", default=0)
+    attention_backend: str = _help(
+        "Paged attention: cpu-kernel (a C kernel built on first use with the machine's compiler; CPU, "
+        "bfloat16/float32), torch (SDPA over copied context; any device) or auto (cpu-kernel where it "
+        "applies and builds, else torch).", default="auto")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -22,7 +22,7 @@ from splitfuse.attention.backend import BatchLayout
 
 
 @dataclass
-class _ChunkPlan:
+class ChunkPlan:
     token_start: int
     token_end: int
     context_len: int
@@ -44,7 +44,7 @@ class TorchNativeMetadata:
     num_decodes: int
     block_size: int
     decode_buckets: list[_DecodeBucket] = field(default_factory=list)
-    chunks: list[_ChunkPlan] = field(default_factory=list)
+    chunks: list[ChunkPlan] = field(default_factory=list)
 
 
 # A new decode bucket starts where the context is this much longer than the bucket's first
@@ -73,7 +73,7 @@ class TorchNativeBackend:
         if layout.num_decodes:
             self._plan_decodes(layout, sliding_windows, metadata)
         for i in range(layout.num_decodes, len(layout.query_lens)):
-            metadata.chunks.append(self._plan_chunk(layout, i, sliding_windows))
+            metadata.chunks.append(self.plan_chunk(layout, i, sliding_windows))
         return metadata
 
     def _plan_decodes(self, layout: BatchLayout, windows: tuple[Optional[int], ...],
@@ -93,7 +93,7 @@ class TorchNativeBackend:
                 masks[window] = torch.from_numpy(valid[:, None, None, :].copy()).to(self.device)
             metadata.decode_buckets.append(_DecodeBucket(row_start, row_end, tables.to(self.device), masks))
 
-    def _plan_chunk(self, layout: BatchLayout, i: int, windows: tuple[Optional[int], ...]) -> _ChunkPlan:
+    def plan_chunk(self, layout: BatchLayout, i: int, windows: tuple[Optional[int], ...]) -> ChunkPlan:
         query_len = int(layout.query_lens[i])
         context_len = int(layout.context_lens[i])
         start = context_len - query_len
@@ -101,7 +101,7 @@ class TorchNativeBackend:
         if start > 0:
             num_blocks = -(-context_len // layout.block_size)
             context_blocks = torch.from_numpy(layout.block_tables[i, :num_blocks].copy()).to(self.device)
-        plan = _ChunkPlan(int(layout.query_start_loc[i]), int(layout.query_start_loc[i + 1]), context_len,
+        plan = ChunkPlan(int(layout.query_start_loc[i]), int(layout.query_start_loc[i + 1]), context_len,
                           context_blocks, {})
         query_pos = np.arange(start, context_len)[:, None]
         key_pos = np.arange(context_len)[None, :]
@@ -129,16 +129,25 @@ class TorchNativeBackend:
             values = _gather_blocks(value_cache, bucket.block_tables, block_size)
             output[rows] = _sdpa(query[rows].unsqueeze(1), keys, values, bucket.masks[sliding_window],
                                  scale).squeeze(1)
-        for chunk in metadata.chunks:
-            rows = slice(chunk.token_start, chunk.token_end)
-            if chunk.context_blocks is None:
-                chunk_key, chunk_value = key[rows], value[rows]
-            else:
-                chunk_key = _gather_blocks(key_cache, chunk.context_blocks, block_size)[:chunk.context_len]
-                chunk_value = _gather_blocks(value_cache, chunk.context_blocks, block_size)[:chunk.context_len]
-            output[rows] = _sdpa(query[rows].unsqueeze(0), chunk_key.unsqueeze(0), chunk_value.unsqueeze(0),
-                                 chunk.masks[sliding_window], scale).squeeze(0)
+        run_chunks(metadata.chunks, output, query, key, value, kv_cache, block_size, scale=scale,
+                   sliding_window=sliding_window)
         return output
+
+
+def run_chunks(chunks: list[ChunkPlan], output: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int, *,
+               scale: float, sliding_window: Optional[int]) -> None:
+    """One SDPA call per prompt chunk, writing its rows of ``output``."""
+    key_cache, value_cache = kv_cache
+    for chunk in chunks:
+        rows = slice(chunk.token_start, chunk.token_end)
+        if chunk.context_blocks is None:
+            chunk_key, chunk_value = key[rows], value[rows]
+        else:
+            chunk_key = _gather_blocks(key_cache, chunk.context_blocks, block_size)[:chunk.context_len]
+            chunk_value = _gather_blocks(value_cache, chunk.context_blocks, block_size)[:chunk.context_len]
+        output[rows] = _sdpa(query[rows].unsqueeze(0), chunk_key.unsqueeze(0), chunk_value.unsqueeze(0),
+                             chunk.masks[sliding_window], scale).squeeze(0)
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -69,7 +69,8 @@ class LLMEngine:
         torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(setup.model_path, setup.arch, dtype=setup.dtype, device=setup.device,
                                   num_blocks=setup.num_blocks, block_size=config.cache.block_size,
-                                  eos_token_ids=setup.eos_token_ids, seed=config.model.seed)
+                                  eos_token_ids=setup.eos_token_ids, seed=config.model.seed,
+                                  attention_backend=config.model.attention_backend)
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # sequence id -> group
         self._arrival_counter = 0

@@ -8,6 +8,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from splitfuse.cpu_kernels import applies, load_cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -52,7 +54,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H, D], key [T, KVH, D]."""
+        """positions [T]; query [T, H, D], key [T, KVH, D]. The CPU kernel rotates them in place."""
+        if applies(query, key) and query.stride(1) == key.stride(1) == query.shape[2] and positions.is_contiguous():
+            kernels = load_cpu_kernels()
+            if kernels is not None:
+                kernels.rotary_embedding(positions, query, key, self.cos, self.sin)
+                return query, key
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)

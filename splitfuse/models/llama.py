@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitfuse.attention.backend import AttentionBackend
+from splitfuse.cpu_kernels import applies, load_cpu_kernels
 from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
@@ -61,7 +62,11 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = load_cpu_kernels() if applies(gate_up) and gate_up.is_contiguous() else None
+        if kernels is not None:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -74,10 +79,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
-                attn_metadata: Any) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, attn_metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                kv_cache: KVCache, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block; the residual stream is carried separately so each add fuses into the next norm.
+
+        Returns (this block's MLP output, the residual stream before it); their sum is the block's output.
+        """
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -109,10 +123,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 attn_metadata: Any) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, attn_metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        return self.norm(hidden, residual)[0]
 
     def prepare_for_inference(self) -> None:
         """After the weights are loaded: pack linear weights where that is faster (bf16 on CPU)."""

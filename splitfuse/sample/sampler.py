@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from splitfuse.cpu_kernels import applies, load_cpu_kernels
 from splitfuse.sampling_params import SamplingParams
 
 # (chosen token's logprob, its 1-based rank, top-k token ids, top-k logprobs) with k = params.logprobs
@@ -33,6 +34,15 @@ class SamplingRow:
     # Set iff params.seed is not None; owned by the request and advanced across steps.
     # It may live on any device: its noise is drawn there and copied to the logits' device.
     generator: Optional[torch.Generator] = None
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row, the first index on ties (as vLLM and transformers pick)."""
+    kernels = load_cpu_kernels() if applies(logits) else None
+    if kernels is not None:
+        return kernels.argmax(logits)  # no fp32 copy of the logits
+    # max() on fp32 is several times faster than argmax on bf16 on CPU.
+    return logits.float().max(dim=-1).indices
 
 
 @dataclass
@@ -204,8 +214,7 @@ class Sampler:
         needs_processing = any(p.logit_bias or _has_penalties(p) for p in params) or any(
             _in_min_tokens(row) for row in rows)
         if not sample_rows and not needs_processing and not logprob_rows:
-            # max() on fp32 is several times faster than argmax on bf16 on CPU; ties -> first index.
-            return SamplerOutput(raw.float().max(dim=-1).indices.tolist(), [None] * len(rows))
+            return SamplerOutput(_greedy(raw).tolist(), [None] * len(rows))
 
         work = raw.to(torch.float32, copy=True)
         if needs_processing:

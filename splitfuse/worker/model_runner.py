@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from splitfuse.attention.backend import BatchLayout, allocate_kv_cache
-from splitfuse.attention.torch_native import TorchNativeBackend
+from splitfuse.attention.selector import select_attention_backend
 from splitfuse.engine.request import Request
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.loader import load_model
@@ -29,11 +29,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0) -> None:
+                 num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
+                 attention_backend: str = "auto") -> None:
         self.arch = arch
         self.device = device
         self.block_size = block_size
-        self.backend = TorchNativeBackend(device)
+        self.backend = select_attention_backend(attention_backend, arch, dtype, device, block_size)
         self.model = load_model(model_path, arch, dtype, device, self.backend)
         self.kv_caches = allocate_kv_cache(arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
                                            arch.head_dim, dtype, device)

@@ -4,6 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from splitfuse.attention.cpu_paged import CpuPagedBackend
+from splitfuse.attention.torch_native import TorchNativeBackend
+from splitfuse.cpu_kernels import load_cpu_kernels
 from splitfuse.entrypoints.llm import LLM
 from splitfuse.sampling_params import SamplingParams
 
@@ -35,8 +38,15 @@ def params():
     return SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=3)
 
 
-def test_greedy_tokens_and_logprobs_match_transformers(family_ckpt, params):
+@pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-ops"])
+def test_greedy_tokens_and_logprobs_match_transformers(family_ckpt, params, kernels, monkeypatch):
+    if kernels == "torch-ops":  # the fallback where no C compiler is found, and the path CUDA takes
+        monkeypatch.setenv("SPLITFUSE_DISABLE_CPU_KERNELS", "1")
+    elif load_cpu_kernels() is None:
+        pytest.skip("no C compiler for the CPU kernels")
     llm = LLM(model=family_ckpt, dtype="float32", max_num_batched_tokens=16, block_size=4)
+    expected_backend = CpuPagedBackend if kernels == "cpu-kernels" else TorchNativeBackend
+    assert type(llm.engine.runner.backend) is expected_backend
     prompts = _prompts(llm.engine.vocab_size)
     ref_tokens, ref_logprobs = _reference(family_ckpt, prompts)
 

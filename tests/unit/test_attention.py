@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from splitfuse.attention.backend import BatchLayout
+from splitfuse.attention.cpu_paged import CpuPagedBackend
 from splitfuse.attention.torch_native import TorchNativeBackend, decode_buckets
+from splitfuse.cpu_kernels import load_cpu_kernels
 
 BLOCK_SIZE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 4, 2, 8
 
@@ -16,12 +18,12 @@ def test_decode_buckets_split_where_context_grows():
     assert decode_buckets(np.array([5])) == [(0, 1)]
 
 
-def reference(query, keys, values, start, window):
+def reference(query, keys, values, start, window, head_dim=HEAD_DIM):
     """Causal (optionally windowed) attention of query rows at positions start.. over keys 0..ctx-1."""
     group = NUM_HEADS // NUM_KV_HEADS
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", query, keys) * HEAD_DIM ** -0.5
+    scores = torch.einsum("qhd,khd->hqk", query, keys) * head_dim ** -0.5
     q_pos = torch.arange(start, start + query.shape[0])[:, None]
     k_pos = torch.arange(keys.shape[0])[None, :]
     allowed = k_pos <= q_pos
@@ -31,47 +33,95 @@ def reference(query, keys, values, start, window):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
-@pytest.mark.parametrize("window", [None, 6])
-def test_paged_attention_matches_dense_reference(window):
-    generator = torch.Generator().manual_seed(0)
-    # Ten decodes whose contexts span two buckets, then a fresh prompt and a later chunk of another.
-    decode_contexts = [3, 5, 6, 7, 9, 20, 21, 22, 25, 30]
-    chunks = [(0, 7), (9, 5)]  # (start, query_len)
-    requests = [(c - 1, 1) for c in decode_contexts] + chunks
-    num_blocks = 64
+def build_case(requests, window, *, head_dim=HEAD_DIM, dtype=torch.float32, seed=0):
+    """A paged batch over scattered blocks: layout, (query, key, value, kv_cache) and the dense reference.
+
+    requests: (start, query_len) pairs; positions before start are already in the cache.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(s + q) // BLOCK_SIZE) for s, q in requests) + 8
     permutation = torch.randperm(num_blocks, generator=generator).tolist()  # scattered blocks
-    key_cache = torch.zeros(num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.zeros(num_blocks * BLOCK_SIZE, NUM_KV_HEADS, head_dim, dtype=dtype)
     value_cache = torch.zeros_like(key_cache)
     tables, full_keys, full_values, slots, queries = [], [], [], [], []
     for start, query_len in requests:
         context = start + query_len
         table = [permutation.pop() for _ in range(-(-context // BLOCK_SIZE))]
-        keys = torch.randn(context, NUM_KV_HEADS, HEAD_DIM, generator=generator)
-        values = torch.randn(context, NUM_KV_HEADS, HEAD_DIM, generator=generator)
-        for position in range(start):  # earlier tokens are already in the cache
+        keys = torch.randn(context, NUM_KV_HEADS, head_dim, generator=generator).to(dtype)
+        values = torch.randn(context, NUM_KV_HEADS, head_dim, generator=generator).to(dtype)
+        for position in range(start):
             slot = table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
             key_cache[slot], value_cache[slot] = keys[position], values[position]
         slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, context)]
         tables.append(table)
         full_keys.append(keys)
         full_values.append(values)
-        queries.append(torch.randn(query_len, NUM_HEADS, HEAD_DIM, generator=generator))
+        queries.append(torch.randn(query_len, NUM_HEADS, head_dim, generator=generator).to(dtype))
     query_lens = np.array([q for _, q in requests])
     block_tables = np.zeros((len(requests), max(map(len, tables))), dtype=np.int64)
     for i, table in enumerate(tables):
         block_tables[i, :len(table)] = table
     layout = BatchLayout(query_lens=query_lens, context_lens=np.array([s + q for s, q in requests]),
                          query_start_loc=np.concatenate([[0], np.cumsum(query_lens)]), block_tables=block_tables,
-                         slot_mapping=torch.tensor(slots), num_decodes=len(decode_contexts), block_size=BLOCK_SIZE)
+                         slot_mapping=torch.tensor(slots), num_decodes=sum(q == 1 for _, q in requests),
+                         block_size=BLOCK_SIZE)
+    new_keys = torch.cat([k[s:] for k, (s, _) in zip(full_keys, requests)])
+    new_values = torch.cat([v[s:] for v, (s, _) in zip(full_values, requests)])
+    inputs = (torch.cat(queries), new_keys, new_values, (key_cache, value_cache))
+    expected = torch.cat([reference(q.float(), k.float(), v.float(), s, window, head_dim)
+                          for q, k, v, (s, _) in zip(queries, full_keys, full_values, requests)])
+    return layout, inputs, expected
+
+
+# Ten decodes whose contexts span two buckets, then a fresh prompt and a later chunk of another.
+DECODE_CONTEXTS = [3, 5, 6, 7, 9, 20, 21, 22, 25, 30]
+MIXED_BATCH = [(c - 1, 1) for c in DECODE_CONTEXTS] + [(0, 7), (9, 5)]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_attention_matches_dense_reference(window):
+    layout, inputs, expected = build_case(MIXED_BATCH, window)
     backend = TorchNativeBackend(torch.device("cpu"))
     metadata = backend.plan(layout, (window,))
     assert [(b.row_start, b.row_end) for b in metadata.decode_buckets] == [(0, 4), (4, 8), (8, 10)]
+    output = backend.forward(*inputs, metadata, scale=HEAD_DIM ** -0.5, sliding_window=window)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
-    new_keys = torch.cat([k[s:] for k, (s, _) in zip(full_keys, requests)])
-    new_values = torch.cat([v[s:] for v, (s, _) in zip(full_values, requests)])
-    output = backend.forward(torch.cat(queries), new_keys, new_values, (key_cache, value_cache), metadata,
-                             scale=HEAD_DIM ** -0.5, sliding_window=window)
 
-    expected = torch.cat([reference(q, k, v, s, window)
-                          for q, k, v, (s, _) in zip(queries, full_keys, full_values, requests)])
+needs_cpu_kernel = pytest.mark.skipif(load_cpu_kernels() is None, reason="no C compiler for the CPU kernel")
+# Decodes and chunks of up to 16 tokens go to the kernel (the 12-token chunk is two work items of
+# 8 tokens x 4 heads); a fresh prompt of 70 tokens and a continuing chunk of 40 go to SDPA.
+KERNEL_BATCH = MIXED_BATCH + [(20, 12), (0, 70), (33, 40)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("window", [None, 6, 50])
+@pytest.mark.parametrize("head_dim", [8, 64])  # 8: the plain C loops; 64: the vector loops where built
+def test_cpu_kernel_matches_dense_reference_fp32(window, head_dim):
+    layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=head_dim)
+    backend = CpuPagedBackend()
+    metadata = backend.plan(layout, (window,))
+    assert metadata.kernel_requests.tolist() == list(range(13))
+    assert [(c.token_start, c.token_end) for c in metadata.chunks] == [(34, 104), (104, 144)]
+    output = backend.forward(*inputs, metadata, scale=head_dim ** -0.5, sliding_window=window)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("window", [None, 6])
+def test_cpu_kernel_bf16_matches_reference_to_bf16_precision(window):
+    layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=64, dtype=torch.bfloat16)
+    backend = CpuPagedBackend()
+    output = backend.forward(*inputs, backend.plan(layout, (window,)), scale=64 ** -0.5, sliding_window=window)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("requests", [[(40, 1)], [(3, 16)]], ids=["one-decode", "one-chunk"])
+def test_cpu_kernel_splits_kv_heads_when_requests_are_few(requests):
+    # One request would leave a thread idle; the kernel then gives each KV head its own work item.
+    layout, inputs, expected = build_case(requests, None, head_dim=64)
+    backend = CpuPagedBackend()
+    output = backend.forward(*inputs, backend.plan(layout, (None,)), scale=64 ** -0.5, sliding_window=None)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)

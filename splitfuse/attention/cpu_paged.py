@@ -1,0 +1,96 @@
+"""CPU paged attention: a C kernel that reads the paged KV cache in place, SDPA for long prompt chunks.
+
+Decodes and short chunks go to the kernel in ``csrc/`` (one call per layer for all of them):
+it walks each request's block table, so no context is copied out of the cache, which is
+where the torch-native backend spends most of a decode step. The kernel computes one query
+row at a time, so for chunks longer than ``KERNEL_MAX_QUERY_TOKENS`` SDPA's blocked matmuls
+win even after copying the context; those keep the torch-native path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from splitfuse.attention.backend import BatchLayout
+from splitfuse.attention.torch_native import ChunkPlan, TorchNativeBackend, run_chunks
+from splitfuse.cpu_kernels import DTYPE_CODES, applies, load_cpu_kernels
+
+# Longer chunks go to SDPA (measured with benchmarks/attention_kernel.py: the kernel is faster
+# at 16 new tokens, slower from 64 on, with or without a cached context).
+KERNEL_MAX_QUERY_TOKENS = 16
+
+
+@dataclass
+class CpuPagedMetadata:
+    slot_mapping: torch.Tensor
+    block_size: int
+    # Kept alive here: the kernel reads them through raw pointers.
+    query_start_loc: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray
+    kernel_requests: np.ndarray  # int32 indices of the requests the kernel computes
+    chunks: list[ChunkPlan] = field(default_factory=list)
+
+
+def cpu_kernel_supported(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int,
+                         head_dim: int, block_size: int) -> bool:
+    """Whether the C kernel can serve this model here (else the torch-native backend does)."""
+    kernels = load_cpu_kernels() if device.type == "cpu" and dtype in DTYPE_CODES else None
+    if kernels is None:
+        return False
+    library = kernels.library
+    return (num_heads // num_kv_heads <= library.paged_attention_max_rows()
+            and head_dim <= library.paged_attention_max_head_dim()
+            and block_size <= library.paged_attention_max_block_size())
+
+
+class CpuPagedBackend:
+    def __init__(self) -> None:
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("the CPU kernels are not available on this machine")
+        self._kernels = kernels
+        self._kernel = kernels.library.paged_attention
+        self._chunk_planner = TorchNativeBackend(torch.device("cpu"))
+
+    def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> CpuPagedMetadata:
+        to_sdpa = layout.query_lens > KERNEL_MAX_QUERY_TOKENS
+        metadata = CpuPagedMetadata(
+            layout.slot_mapping, layout.block_size,
+            np.ascontiguousarray(layout.query_start_loc, dtype=np.int64),
+            np.ascontiguousarray(layout.context_lens, dtype=np.int64),
+            np.ascontiguousarray(layout.block_tables, dtype=np.int64),
+            np.flatnonzero(~to_sdpa).astype(np.int32))
+        metadata.chunks = [self._chunk_planner.plan_chunk(layout, int(i), sliding_windows)
+                           for i in np.flatnonzero(to_sdpa)]
+        return metadata
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CpuPagedMetadata, *,
+                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        key_cache, value_cache = kv_cache
+        if applies(key, value) and key.stride(1) == key.shape[2] and value.stride(1) == value.shape[2]:
+            self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
+        else:
+            key_cache.index_copy_(0, metadata.slot_mapping, key)
+            value_cache.index_copy_(0, metadata.slot_mapping, value)
+        if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
+            query = query.contiguous()
+        output = torch.empty(query.shape, dtype=query.dtype)
+        requests = metadata.kernel_requests
+        if len(requests):
+            num_heads, head_dim = query.shape[1], query.shape[2]
+            self._kernel(DTYPE_CODES[query.dtype], output.data_ptr(), query.data_ptr(),
+                         key_cache.data_ptr(), value_cache.data_ptr(),
+                         metadata.block_tables.ctypes.data, metadata.block_tables.shape[1],
+                         metadata.query_start_loc.ctypes.data, metadata.context_lens.ctypes.data,
+                         requests.ctypes.data, len(requests), num_heads, key_cache.shape[1], head_dim,
+                         metadata.block_size, ctypes.c_float(scale), sliding_window or 0, query.stride(0))
+        run_chunks(metadata.chunks, output, query, key, value, kv_cache, metadata.block_size, scale=scale,
+                   sliding_window=sliding_window)
+        return output

@@ -1,0 +1,167 @@
+"""Builds and loads the C kernels in ``csrc/`` for the CPU, once per machine, cached on disk.
+
+The sources are compiled with the machine's C compiler (``cc``, or $CC) and ``-march=native``
+into ``<cache root>/kernels/<hash>.so``; the hash covers the sources, the flags, the compiler
+and the CPU, so a cache shared between machines never loads code built for another CPU.
+No compiler, a failed build or SPLITFUSE_DISABLE_CPU_KERNELS=1 gives None, and callers use
+torch ops instead. ``CpuKernels`` wraps the C functions for tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch  # loads torch's OpenMP runtime first, so the kernels share its thread pool
+
+from splitfuse.demo import default_cache_root
+
+logger = logging.getLogger(__name__)
+
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
+# source -> its own flags. fast-math lets the element-wise loops (exp included) vectorize; the
+# attention kernel relies on -inf comparisons, which fast-math may drop, so it gets none.
+_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"]}
+DTYPE_CODES = {torch.bfloat16: 0, torch.float32: 1}
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler_version(compiler: str) -> str:
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    return result.stdout
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
+
+
+def _build(compiler: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Build in a scratch folder beside the target and rename, so concurrent processes never load a
+    # half-written file.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
+        objects = []
+        for name, flags in _SOURCES.items():
+            objects.append(os.path.join(scratch, name.replace(".c", ".o")))
+            _run([compiler, *_FLAGS, *flags, "-c", os.path.join(_CSRC, name), "-o", objects[-1]])
+        library = os.path.join(scratch, "kernels.so")
+        _run([compiler, *_FLAGS, "-shared", *objects, "-o", library, "-lm"])
+        os.replace(library, path)
+
+
+def load_cpu_kernels() -> Optional[CpuKernels]:
+    """The compiled kernels, or None when they cannot be built here or SPLITFUSE_DISABLE_CPU_KERNELS is set."""
+    if os.environ.get("SPLITFUSE_DISABLE_CPU_KERNELS"):
+        return None
+    return _build_and_load()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_and_load() -> Optional[CpuKernels]:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found; CPU attention falls back to torch ops (slower)")
+        return None
+    try:
+        parts = [repr((_FLAGS, _SOURCES)).encode(), _compiler_version(compiler).encode(), _cpu_id().encode()]
+        for name in _SOURCES:
+            with open(os.path.join(_CSRC, name), "rb") as f:
+                parts.append(f.read())
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        path = os.path.join(default_cache_root(), "kernels", f"cpu-kernels-{key}.so")
+        if not os.path.exists(path):
+            logger.info("building the CPU kernels into %s", path)
+            _build(compiler, path)
+        library = ctypes.CDLL(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("could not build the CPU kernels; falling back to torch ops: %s", error)
+        return None
+    return CpuKernels(library)
+
+
+_I32, _I64, _PTR, _F32 = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {  # name -> argument types (every function returns void or int)
+    "paged_attention": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
+                        _F32, _I32, _I64],
+    "rms_norm": [_I32, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _F32],
+    "rotary_embedding": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I64, _I64],
+    "silu_and_mul": [_I32, _PTR, _PTR, _I64, _I32],
+    "write_kv_cache": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _I64],
+    "argmax_rows": [_I32, _PTR, _PTR, _I64, _I64, _I64],
+    "paged_attention_max_rows": [],
+    "paged_attention_max_head_dim": [],
+    "paged_attention_max_block_size": [],
+}
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: on the CPU, all bf16 or all fp32, rows of unit stride."""
+    dtype = tensors[0].dtype
+    return dtype in DTYPE_CODES and all(t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1
+                                        for t in tensors)
+
+
+class CpuKernels:
+    """Tensor-level wrappers; callers check ``applies`` first (dtype, device, unit stride)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = argtypes
+            function.restype = _I32 if name.startswith("paged_attention_max") else None
+        self.library = library
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, hidden] (rows may be strided); residual, when given, is updated in place to x + residual."""
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.library.rms_norm(DTYPE_CODES[x.dtype], out.data_ptr(), None if residual is None else residual.data_ptr(),
+                              x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps)
+        return out
+
+    def rotary_embedding(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place: query [T, H, D], key [T, KVH, D] (each head's D contiguous; rows may be strided)."""
+        self.library.rotary_embedding(DTYPE_CODES[query.dtype], query.data_ptr(), key.data_ptr(),
+                                      positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), query.shape[0],
+                                      query.shape[1], key.shape[1], query.shape[2], query.stride(0), key.stride(0))
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I] contiguous -> silu(gate) * up [T, I]."""
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+        self.library.silu_and_mul(DTYPE_CODES[gate_up.dtype], out.data_ptr(), gate_up.data_ptr(), gate_up.shape[0],
+                                  gate_up.shape[1] // 2)
+        return out
+
+    def write_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """key_cache[slot_mapping[t]] = key[t] (and value); key/value [T, KVH, D] with strided rows."""
+        self.library.write_kv_cache(DTYPE_CODES[key.dtype], key_cache.data_ptr(), value_cache.data_ptr(),
+                                    key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr(), key.shape[0],
+                                    key.shape[1] * key.shape[2], key.stride(0), value.stride(0))
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [rows, vocab] (rows may be strided) -> int64 [rows], the first index of each row's max."""
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self.library.argmax_rows(DTYPE_CODES[logits.dtype], out.data_ptr(), logits.data_ptr(), logits.shape[0],
+                                 logits.shape[1], logits.stride(0))
+        return out

@@ -1,0 +1,247 @@
+/* Paged attention for the CPU: reads keys and values straight from the paged KV cache.
+ *
+ * The torch-native backend must first copy every request's context out of the cache
+ * (index_select) before SDPA can use it; here each (request, KV head) pair walks its own
+ * block table instead, so the cache is read once and nothing is copied.
+ *
+ * Layouts (all contiguous):
+ *   query, out          [tokens, num_heads, head_dim]; query rows query_stride elements apart
+ *   key/value cache     [slots, num_kv_heads, head_dim], slot = block * block_size + offset
+ *   block_tables        [num_requests, block_table_stride] int64
+ *   query_start_loc     [num_requests + 1] int64: request r owns rows query_start_loc[r]..[r+1]-1
+ *   context_lens        [num_requests] int64: tokens with KV after this step; row j of request r
+ *                       sits at position context_len - query_len + j and sees keys
+ *                       max(0, position - window + 1) .. position (window 0: no window)
+ *   requests            [num_selected] int32: the requests this call computes
+ *
+ * Softmax runs online over one block at a time (running max, sum and fp32 accumulator
+ * per query row), so memory does not grow with the context.  Built with -march=native:
+ * the AVX-512 paths below are used where the machine has them, plain C elsewhere.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define MAX_ROWS 32        /* query rows (tokens x heads of one KV group) per work item */
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK_SIZE 64
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return (uint16_t)(bits >> 16 | ((bits & 0xffffu) ? 0x40 : 0));
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* dot(q, k) with q in fp32 and k as stored (bf16 or fp32). */
+static inline float dot_bf16(const float *restrict q, const uint16_t *restrict k, int dim) {
+    int d = 0;
+    float sum = 0.f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= dim; d += 16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(k + d));
+        __m512 kf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), kf, acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; d < dim; d++) sum += q[d] * bf16_to_f32(k[d]);
+    return sum;
+}
+
+static inline float dot_f32(const float *restrict q, const float *restrict k, int dim) {
+    int d = 0;
+    float sum = 0.f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; d < dim; d++) sum += q[d] * k[d];
+    return sum;
+}
+
+/* acc += p * v */
+static inline void axpy_bf16(float *restrict acc, float p, const uint16_t *restrict v, int dim) {
+    int d = 0;
+#ifdef __AVX512F__
+    __m512 pv = _mm512_set1_ps(p);
+    for (; d + 16 <= dim; d += 16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(v + d));
+        __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, vf, _mm512_loadu_ps(acc + d)));
+    }
+#endif
+    for (; d < dim; d++) acc[d] += p * bf16_to_f32(v[d]);
+}
+
+static inline void axpy_f32(float *restrict acc, float p, const float *restrict v, int dim) {
+    for (int d = 0; d < dim; d++) acc[d] += p * v[d];
+}
+
+static inline void prefetch_block(const void *keys, const void *values, size_t bytes) {
+    for (size_t offset = 0; offset < bytes; offset += 64) {
+        __builtin_prefetch((const char *)keys + offset);
+        __builtin_prefetch((const char *)values + offset);
+    }
+}
+
+typedef struct {
+    const int64_t *block_tables;
+    int64_t block_table_stride;
+    const int64_t *query_start_loc;
+    const int64_t *context_lens;
+    int num_heads, num_kv_heads, head_dim, block_size, window;
+    float scale;
+    int64_t query_stride;
+} Shape;
+
+/* One work item: query tokens first_token .. first_token + num_tokens - 1 of request `req`,
+ * every head that reads KV heads first_kv_head .. first_kv_head + num_kv - 1.  Taking all KV heads
+ * of a token at once reads each block as one contiguous run of memory. */
+#define DEFINE_WORK_ITEM(NAME, T, DOT, AXPY, LOAD, STORE)                                          \
+static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, const T *value_cache, \
+                 int req, int first_kv_head, int num_kv, int first_token, int num_tokens) {        \
+    const int dim = s->head_dim, group = s->num_heads / s->num_kv_heads, heads = group * num_kv;  \
+    const int rows = num_tokens * heads, bs = s->block_size;                                      \
+    const int64_t q_start = s->query_start_loc[req];                                               \
+    const int64_t query_len = s->query_start_loc[req + 1] - q_start;                               \
+    const int64_t context_len = s->context_lens[req];                                              \
+    const int64_t *table = s->block_tables + (int64_t)req * s->block_table_stride;                 \
+    float q[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];                                  \
+    float row_max[MAX_ROWS], row_sum[MAX_ROWS], scores[MAX_ROWS][MAX_BLOCK_SIZE];                  \
+    int64_t row_pos[MAX_ROWS];                                                                     \
+    int row_kv[MAX_ROWS];                                                                          \
+    for (int r = 0; r < rows; r++) {                                                               \
+        int token = first_token + r / heads, head = first_kv_head * group + r % heads;            \
+        row_kv[r] = head / group;                                                                  \
+        const T *src = query + (q_start + token) * s->query_stride + (int64_t)head * dim;          \
+        for (int d = 0; d < dim; d++) { q[r][d] = LOAD(src[d]) * s->scale; acc[r][d] = 0.f; }     \
+        row_max[r] = -INFINITY;                                                                    \
+        row_sum[r] = 0.f;                                                                          \
+        row_pos[r] = context_len - query_len + token;                                              \
+    }                                                                                              \
+    int64_t last_pos = row_pos[rows - 1];                                                          \
+    int64_t first_key = 0;                                                                         \
+    if (s->window > 0 && row_pos[0] - s->window + 1 > 0) first_key = row_pos[0] - s->window + 1;  \
+    const int64_t kv_stride = (int64_t)s->num_kv_heads * dim;                                     \
+    for (int64_t block_start = first_key / bs * bs; block_start <= last_pos; block_start += bs) {  \
+        const int64_t base = table[block_start / bs] * bs;                                         \
+        int n = (int)(last_pos + 1 - block_start < bs ? last_pos + 1 - block_start : bs);          \
+        const T *keys = key_cache + base * kv_stride;                                              \
+        const T *values = value_cache + base * kv_stride;                                          \
+        if (block_start + bs <= last_pos) {                                                        \
+            const int64_t next = table[block_start / bs + 1] * bs * kv_stride;                     \
+            prefetch_block(key_cache + next, value_cache + next, (size_t)bs * kv_stride * sizeof(T)); \
+        }                                                                                          \
+        /* token-major, so each block is read front to back */                                    \
+        for (int t = 0; t < n; t++) {                                                              \
+            const int64_t pos = block_start + t;                                                   \
+            for (int r = 0; r < rows; r++) {                                                       \
+                int visible = pos <= row_pos[r] && (s->window <= 0 || pos > row_pos[r] - s->window); \
+                scores[r][t] = visible ? DOT(q[r], keys + t * kv_stride + row_kv[r] * dim, dim) : -INFINITY; \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < rows; r++) {                                                           \
+            float *p = scores[r], block_max = -INFINITY;                                           \
+            for (int t = 0; t < n; t++) block_max = p[t] > block_max ? p[t] : block_max;           \
+            if (block_max == -INFINITY) { for (int t = 0; t < n; t++) p[t] = 0.f; continue; }      \
+            float new_max = block_max > row_max[r] ? block_max : row_max[r];                       \
+            if (new_max != row_max[r]) {                                                           \
+                float correction = expf(row_max[r] - new_max);                                     \
+                row_sum[r] *= correction;                                                          \
+                for (int d = 0; d < dim; d++) acc[r][d] *= correction;                             \
+                row_max[r] = new_max;                                                              \
+            }                                                                                      \
+            for (int t = 0; t < n; t++) { p[t] = expf(p[t] - new_max); row_sum[r] += p[t]; }        \
+        }                                                                                          \
+        for (int t = 0; t < n; t++)                                                                \
+            for (int r = 0; r < rows; r++)                                                         \
+                if (scores[r][t] != 0.f)                                                           \
+                    AXPY(acc[r], scores[r][t], values + t * kv_stride + row_kv[r] * dim, dim);     \
+    }                                                                                              \
+    for (int r = 0; r < rows; r++) {                                                               \
+        int token = first_token + r / heads, head = first_kv_head * group + r % heads;            \
+        T *dst = out + ((q_start + token) * s->num_heads + head) * dim;                            \
+        float inv = 1.f / row_sum[r];                                                              \
+        for (int d = 0; d < dim; d++) dst[d] = STORE(acc[r][d] * inv);                             \
+    }                                                                                              \
+}
+
+#define LOAD_BF16(x) bf16_to_f32(x)
+#define STORE_BF16(x) f32_to_bf16(x)
+#define LOAD_F32(x) (x)
+#define STORE_F32(x) (x)
+DEFINE_WORK_ITEM(work_item_bf16, uint16_t, dot_bf16, axpy_bf16, LOAD_BF16, STORE_BF16)
+DEFINE_WORK_ITEM(work_item_f32, float, dot_f32, axpy_f32, LOAD_F32, STORE_F32)
+
+/* Limits a caller checks before calling: rows per work item, head_dim and block_size. */
+int paged_attention_max_rows(void) { return MAX_ROWS; }
+int paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
+int paged_attention_max_block_size(void) { return MAX_BLOCK_SIZE; }
+
+/* dtype: 0 bf16, 1 fp32.  Each selected request is cut into work items (a few query tokens, a
+ * range of KV heads); items run in parallel (OpenMP). */
+void paged_attention(int dtype, void *out, const void *query, const void *key_cache, const void *value_cache,
+                     const int64_t *block_tables, int64_t block_table_stride,
+                     const int64_t *query_start_loc, const int64_t *context_lens,
+                     const int32_t *requests, int num_requests,
+                     int num_heads, int num_kv_heads, int head_dim, int block_size,
+                     float scale, int window, int64_t query_stride) {
+    Shape s = {block_tables, block_table_stride, query_start_loc, context_lens,
+               num_heads, num_kv_heads, head_dim, block_size, window, scale, query_stride};
+    const int group = num_heads / num_kv_heads;
+    /* All KV heads per item where the rows fit; fewer (a divisor) where they do not, or where
+     * too few requests would leave threads idle. */
+    int kv_per_item = num_kv_heads;
+    while (kv_per_item > 1 && kv_per_item % 2 == 0
+           && (group * kv_per_item > MAX_ROWS || num_requests * (num_kv_heads / kv_per_item) < 4 * omp_get_max_threads()))
+        kv_per_item /= 2;
+    while (group * kv_per_item > MAX_ROWS || num_kv_heads % kv_per_item) kv_per_item--;
+    const int kv_splits = num_kv_heads / kv_per_item;
+    const int tokens_per_item = MAX_ROWS / (group * kv_per_item);
+    /* [3 tokens, 70 tokens] with 32 tokens per item -> items per request [1, 3], first items [0, 1, 4] */
+    int first_item[num_requests + 1];
+    first_item[0] = 0;
+    for (int i = 0; i < num_requests; i++) {
+        int req = requests[i];
+        int query_len = (int)(query_start_loc[req + 1] - query_start_loc[req]);
+        first_item[i + 1] = first_item[i] + (query_len + tokens_per_item - 1) / tokens_per_item;
+    }
+    const int num_items = first_item[num_requests] * kv_splits;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int item = 0; item < num_items; item++) {
+        int first_kv_head = item % kv_splits * kv_per_item, chunk = item / kv_splits;
+        int lo = 0, hi = num_requests - 1;  /* the request i with first_item[i] <= chunk < first_item[i + 1] */
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (first_item[mid] <= chunk) lo = mid; else hi = mid - 1;
+        }
+        int i = lo;
+        int req = requests[i];
+        int query_len = (int)(query_start_loc[req + 1] - query_start_loc[req]);
+        int first_token = (chunk - first_item[i]) * tokens_per_item;
+        int num_tokens = query_len - first_token < tokens_per_item ? query_len - first_token : tokens_per_item;
+        if (dtype == 0)
+            work_item_bf16(&s, (uint16_t *)out, query, key_cache, value_cache, req, first_kv_head, kv_per_item,
+                           first_token, num_tokens);
+        else
+            work_item_f32(&s, (float *)out, query, key_cache, value_cache, req, first_kv_head, kv_per_item,
+                          first_token, num_tokens);
+    }
+}
