@@ -55,7 +55,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; query [T, H, D], key [T, KVH, D]. The CPU kernel rotates them in place."""
-        if applies(query, key) and query.stride(1) == key.stride(1) == query.shape[2] and positions.is_contiguous():
+        kernel_layout = (query.stride(1) == key.stride(1) == query.shape[2] and positions.is_contiguous()
+                         and positions.dtype == torch.int64 and self.cos.dtype == torch.float32)
+        if kernel_layout and applies(query, key):
             kernels = load_cpu_kernels()
             if kernels is not None:
                 kernels.rotary_embedding(positions, query, key, self.cos, self.sin)

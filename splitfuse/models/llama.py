@@ -47,7 +47,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = self.rotary(positions, query, key)
-        out = self.backend.forward(query, key, value.contiguous(), kv_cache, attn_metadata,
+        out = self.backend.forward(query, key, value, kv_cache, attn_metadata,
                                    scale=self.scale, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
