@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/run_serve_all.sh              # results in benchmarks/results/serve-<time>/
 #   SKIP_VLLM=1 bash benchmarks/run_serve_all.sh
+#   RUNS="fixed mixed" DURATION_S=25 bash benchmarks/run_serve_all.sh   # a subset, shorter points
 #
 # Runs (per server):
 #   fixed   : closed loop, 128 prompt + 128 output tokens, concurrency 1, 8, 32
@@ -19,6 +20,7 @@ MODEL=${MODEL:-$($PYTHON -c "from splitfuse.demo import demo_model_path; print(d
 OUT_DIR=${OUT_DIR:-benchmarks/results/serve-$(date +%Y%m%d-%H%M%S)}
 PORT=${PORT:-8321}
 DURATION_S=${DURATION_S:-45}
+RUNS=${RUNS:-fixed mixed poisson}
 BASE_URL="http://127.0.0.1:$PORT"
 mkdir -p "$OUT_DIR"
 
@@ -39,12 +41,17 @@ bench() {  # bench LABEL [flags...]
 }
 
 run_all() {  # run_all SERVER_NAME
-  local name=$1
-  bench "$name-fixed" --arrival closed --sweep 1,8,32 --num-requests 64 --prompt-len 128 --output-len 128
-  bench "$name-mixed" --arrival closed --sweep 1,4,16,64 --num-requests 96 \
-    --prompt-len uniform:16:512 --output-len uniform:16:256
-  bench "$name-poisson" --arrival poisson --sweep 0.5,1,2,4 --num-requests 64 \
-    --prompt-len uniform:16:512 --output-len uniform:16:256
+  local name=$1 run
+  for run in $RUNS; do
+    case $run in
+      fixed) bench "$name-fixed" --arrival closed --sweep 1,8,32 --num-requests 64 --prompt-len 128 --output-len 128 ;;
+      mixed) bench "$name-mixed" --arrival closed --sweep 1,4,16,64 --num-requests 96 \
+               --prompt-len uniform:16:512 --output-len uniform:16:256 ;;
+      poisson) bench "$name-poisson" --arrival poisson --sweep 0.5,1,2,4 --num-requests 64 \
+                 --prompt-len uniform:16:512 --output-len uniform:16:256 ;;
+      *) echo "unknown run $run (fixed, mixed, poisson)" >&2; exit 2 ;;
+    esac
+  done
 }
 
 stop_server() {
@@ -76,7 +83,7 @@ if [[ "${SKIP_VLLM:-0}" != 1 ]]; then
 fi
 trap - EXIT
 
-for run in fixed mixed poisson; do
+for run in $RUNS; do
   files=("$OUT_DIR"/splitfuse-"$run"-*.json)
   if [[ "${SKIP_VLLM:-0}" != 1 ]]; then files+=("$OUT_DIR"/vllm-"$run"-*.json); fi
   $PYTHON -m splitfuse bench plot "${files[@]}" -o "$OUT_DIR/compare-$run.png" || true
