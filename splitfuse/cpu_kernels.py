@@ -83,7 +83,7 @@ def _build_and_load() -> Optional[CpuKernels]:
         return None
     try:
         parts = [repr((_FLAGS, _SOURCES)).encode(), _compiler_version(compiler).encode(), _cpu_id().encode()]
-        for name in _SOURCES:
+        for name in sorted(os.listdir(_CSRC)):  # the sources and the headers they include
             with open(os.path.join(_CSRC, name), "rb") as f:
                 parts.append(f.read())
         key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]

@@ -21,31 +21,18 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 #include <omp.h>
+#include <string.h>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
+
 #define MAX_ROWS 32        /* query rows (tokens x heads of one KV group) per work item */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK_SIZE 64
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u) return (uint16_t)(bits >> 16 | ((bits & 0xffffu) ? 0x40 : 0));
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* dot(q, k) with q in fp32 and k as stored (bf16 or fp32). */
 static inline float dot_bf16(const float *restrict q, const uint16_t *restrict k, int dim) {
