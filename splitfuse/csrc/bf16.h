@@ -12,13 +12,13 @@ static inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
-/* Round to nearest even, as torch's .to(torch.bfloat16); inf stays inf and NaN stays NaN. */
+/* Round to nearest even, as torch's .to(torch.bfloat16); inf stays inf and NaN stays NaN (quieted).
+ * Branch-free, so loops that call it vectorize. */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u) return (uint16_t)(bits >> 16 | ((bits & 0xffffu) ? 0x40 : 0));
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
+    uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(((bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x00400000u : rounded) >> 16);
 }
 
 #endif

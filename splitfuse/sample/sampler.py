@@ -96,7 +96,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_token_id
         return
     row_ids, token_ids = zip(*entries)
     index = (torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device))
-    logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+    logits.index_put_(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -216,12 +216,17 @@ class Sampler:
         if not sample_rows and not needs_processing and not logprob_rows:
             return SamplerOutput(_greedy(raw).tolist(), [None] * len(rows))
 
-        work = raw.to(torch.float32, copy=True)
+        # An all-greedy batch whose only processing is min_tokens' -inf bans is exact in the logits'
+        # own dtype, so it skips the fp32 copy (a benchmark's min_tokens = max_tokens is this case).
+        masks_only = not sample_rows and not any(p.logit_bias or _has_penalties(p) for p in params)
+        work = raw.clone() if masks_only else raw.to(torch.float32, copy=True)
         if needs_processing:
             apply_logit_bias(work, rows)
             apply_min_tokens(work, rows, self.eos_token_ids)
             apply_penalties(work, rows)
-        if len(sample_rows) == len(rows):
+        if masks_only:
+            token_ids = _greedy(work)
+        elif len(sample_rows) == len(rows):
             token_ids = self._sample(work, rows)
         else:
             token_ids = work.max(dim=-1).indices  # as argmax (first index on ties), faster on CPU

@@ -143,6 +143,17 @@ def test_min_tokens_suppresses_eos_and_stop_tokens_then_releases():
     assert sampler(logits, [make_row(output=[4, 4], **params)]).token_ids == [5]
 
 
+def test_min_tokens_in_bf16_bans_on_a_copy_and_keeps_other_rows_greedy():
+    sampler = Sampler(6, eos_token_ids=[EOS, 5])
+    logits = torch.tensor([[9.0, 1.0, 2.0, 8.0, 0.0, 9.5]] * 3, dtype=torch.bfloat16)
+    before = logits.clone()
+    rows = [make_row(output=[], temperature=0.0, min_tokens=2, stop_token_ids=[3]),
+            make_row(output=[], temperature=0.0),
+            make_row(output=[4, 4], temperature=0.0, min_tokens=2)]
+    assert sampler(logits, rows).token_ids == [2, 5, 5]
+    assert torch.equal(logits, before)
+
+
 def test_repetition_presence_frequency_penalties_by_hand():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]] * 4)
     rows = [
