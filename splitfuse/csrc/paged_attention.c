@@ -177,6 +177,183 @@ static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, con
 DEFINE_WORK_ITEM(work_item_bf16, uint16_t, dot_bf16, axpy_bf16, LOAD_BF16, STORE_BF16)
 DEFINE_WORK_ITEM(work_item_f32, float, dot_f32, axpy_f32, LOAD_F32, STORE_F32)
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The vector path, for head_dim a multiple of 16 on AVX-512 machines.  Per block it reads each
+ * key and value row once for up to FAST_ROWS query rows of the same KV head (the GQA group and
+ * the chunk's tokens), keeps the scores of 16 keys in one register (so the softmax update and
+ * exp run 16 lanes at a time) and accumulates P.V with the accumulators in registers. */
+#define HAVE_FAST_PATH 1
+#define FAST_ROWS 4
+#define LANES 16
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+
+/* Lane i of the result is the sum of the 16 lanes of v[i]: a transpose-and-add tree, far
+ * cheaper than 16 separate horizontal sums. */
+static inline __m512 sum16(const __m512 v[LANES]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+/* exp for x <= 0 (scores minus their running max), within about 2 ulp of expf: Cody-Waite range
+ * reduction to |r| <= ln2/2, Cephes' degree-6 polynomial, then scale by 2^n. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Lanes t of a sub-block of n keys starting at key position `first` that a row at `pos` sees. */
+static inline __mmask16 visible_lanes(int64_t first, int n, int64_t pos, int window) {
+    int64_t lo = window > 0 ? pos - window + 1 : 0;
+    int64_t t_lo = lo > first ? lo - first : 0, t_hi = pos - first < n - 1 ? pos - first : n - 1;
+    if (t_hi < t_lo) return 0;
+    return (__mmask16)((((uint32_t)1 << (t_hi + 1)) - 1) & ~(((uint32_t)1 << t_lo) - 1));
+}
+
+/* One sub-block of n <= 16 keys (positions first, first + 1, ...) for `set` query rows of one KV
+ * head: scores, the online-softmax update, and acc += P.V.  Always inlined and called with a
+ * constant `set`, so the per-row loops unroll and their accumulators stay in registers. */
+#define DEFINE_FAST_SET(NAME, T, LOAD16)                                                          \
+static inline __attribute__((always_inline)) void NAME(                                          \
+        const int set, const T *keys, const T *values, int64_t kv_stride, int chunks, int n,        \
+        int64_t first, int window, float (*q)[MAX_HEAD_DIM], float (*acc)[MAX_HEAD_DIM],          \
+        float *row_max, float *row_sum, const int64_t *row_pos, float (*partial)[LANES][LANES]) {  \
+    __mmask16 visible[FAST_ROWS], any = 0;                                                         \
+    for (int j = 0; j < set; j++) {                                                                \
+        visible[j] = visible_lanes(first, n, row_pos[j], window);                                  \
+        any |= visible[j];                                                                         \
+    }                                                                                              \
+    if (!any) return;                                                                              \
+    for (int t = 0; t < n; t++) {                                                                  \
+        __m512 dots[FAST_ROWS];                                                                    \
+        for (int j = 0; j < set; j++) dots[j] = _mm512_setzero_ps();                               \
+        for (int c = 0; c < chunks; c++) {                                                         \
+            __m512 k = LOAD16(keys + t * kv_stride + c * LANES);                                  \
+            for (int j = 0; j < set; j++)                                                          \
+                dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[j] + c * LANES), k, dots[j]);          \
+        }                                                                                          \
+        for (int j = 0; j < set; j++) _mm512_storeu_ps(partial[j][t], dots[j]);                    \
+    }                                                                                              \
+    float p[FAST_ROWS][LANES];                                                                     \
+    for (int j = 0; j < set; j++) {                                                                \
+        if (!visible[j]) { _mm512_storeu_ps(p[j], _mm512_setzero_ps()); continue; }                \
+        __m512 scores = sum16((const __m512 *)partial[j]);                                         \
+        float block_max = _mm512_mask_reduce_max_ps(visible[j], scores);                           \
+        if (block_max > row_max[j]) {                                                              \
+            __m512 correction = _mm512_set1_ps(expf(row_max[j] - block_max));                      \
+            row_sum[j] *= _mm512_cvtss_f32(correction);                                            \
+            for (int c = 0; c < chunks; c++)                                                       \
+                _mm512_storeu_ps(acc[j] + c * LANES, _mm512_mul_ps(_mm512_loadu_ps(acc[j] + c * LANES), correction)); \
+            row_max[j] = block_max;                                                                \
+        }                                                                                          \
+        __m512 probs = _mm512_maskz_mov_ps(visible[j], exp16(_mm512_sub_ps(scores, _mm512_set1_ps(row_max[j])))); \
+        row_sum[j] += _mm512_reduce_add_ps(probs);                                                 \
+        _mm512_storeu_ps(p[j], probs);                                                             \
+    }                                                                                              \
+    for (int c = 0; c < chunks; c++) {                                                             \
+        __m512 sums[FAST_ROWS];                                                                    \
+        for (int j = 0; j < set; j++) sums[j] = _mm512_loadu_ps(acc[j] + c * LANES);               \
+        for (int t = 0; t < n; t++) {                                                              \
+            __m512 v = LOAD16(values + t * kv_stride + c * LANES);                                \
+            for (int j = 0; j < set; j++) sums[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[j][t]), v, sums[j]); \
+        }                                                                                          \
+        for (int j = 0; j < set; j++) _mm512_storeu_ps(acc[j] + c * LANES, sums[j]);               \
+    }                                                                                              \
+}
+
+#define DEFINE_FAST_WORK_ITEM(NAME, SET_NAME, T, LOAD, STORE)                                      \
+static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, const T *value_cache, \
+                 int req, int first_kv_head, int num_kv, int first_token, int num_tokens) {        \
+    const int dim = s->head_dim, chunks = dim / LANES, group = s->num_heads / s->num_kv_heads;    \
+    const int rows_per_kv = num_tokens * group, rows = rows_per_kv * num_kv, bs = s->block_size;  \
+    const int64_t q_start = s->query_start_loc[req];                                               \
+    const int64_t query_len = s->query_start_loc[req + 1] - q_start;                               \
+    const int64_t context_len = s->context_lens[req];                                              \
+    const int64_t *table = s->block_tables + (int64_t)req * s->block_table_stride;                 \
+    const int64_t kv_stride = (int64_t)s->num_kv_heads * dim;                                     \
+    /* Row r: KV head first_kv_head + r / rows_per_kv, token r % rows_per_kv / group and query    \
+     * head kv_head * group + r % group, so the rows of one KV head are consecutive. */           \
+    float q[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];                                  \
+    float row_max[MAX_ROWS], row_sum[MAX_ROWS], partial[FAST_ROWS][LANES][LANES];                  \
+    int64_t row_pos[MAX_ROWS];                                                                     \
+    for (int r = 0; r < rows; r++) {                                                               \
+        int kv_head = first_kv_head + r / rows_per_kv, token = first_token + r % rows_per_kv / group; \
+        const T *src = query + (q_start + token) * s->query_stride                                 \
+                       + (int64_t)(kv_head * group + r % group) * dim;                             \
+        for (int d = 0; d < dim; d++) { q[r][d] = LOAD(src[d]) * s->scale; acc[r][d] = 0.f; }     \
+        row_max[r] = -INFINITY;                                                                    \
+        row_sum[r] = 0.f;                                                                          \
+        row_pos[r] = context_len - query_len + token;                                              \
+    }                                                                                              \
+    memset(partial, 0, sizeof partial);  /* lanes past a short sub-block are summed, then masked */ \
+    const int64_t first_pos = context_len - query_len + first_token, last_pos = first_pos + num_tokens - 1; \
+    int64_t first_key = 0;                                                                         \
+    if (s->window > 0 && first_pos - s->window + 1 > 0) first_key = first_pos - s->window + 1;    \
+    for (int64_t block_start = first_key / bs * bs; block_start <= last_pos; block_start += bs) {  \
+        const int64_t base = table[block_start / bs] * bs;                                         \
+        const int block_n = (int)(last_pos + 1 - block_start < bs ? last_pos + 1 - block_start : bs); \
+        if (block_start + bs <= last_pos) {                                                        \
+            const int64_t next = table[block_start / bs + 1] * bs * kv_stride;                     \
+            prefetch_block(key_cache + next, value_cache + next, (size_t)bs * kv_stride * sizeof(T)); \
+        }                                                                                          \
+        for (int t0 = 0; t0 < block_n; t0 += LANES) {                                              \
+            const int n = block_n - t0 < LANES ? block_n - t0 : LANES;                             \
+            for (int r0 = 0, set = 0; r0 < rows; r0 += set) {                                      \
+                set = rows_per_kv - r0 % rows_per_kv < FAST_ROWS ? rows_per_kv - r0 % rows_per_kv : FAST_ROWS; \
+                const int64_t offset = (base + t0) * kv_stride + (int64_t)(first_kv_head + r0 / rows_per_kv) * dim; \
+                const T *keys = key_cache + offset, *values = value_cache + offset;                \
+                switch (set) {                                                                     \
+                case 1: SET_NAME(1, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
+                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                case 2: SET_NAME(2, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
+                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                case 3: SET_NAME(3, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
+                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                default: SET_NAME(FAST_ROWS, keys, values, kv_stride, chunks, n, block_start + t0, s->window, \
+                                  q + r0, acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int r = 0; r < rows; r++) {                                                               \
+        int kv_head = first_kv_head + r / rows_per_kv, token = first_token + r % rows_per_kv / group; \
+        T *dst = out + ((q_start + token) * s->num_heads + kv_head * group + r % group) * dim;     \
+        float inv = 1.f / row_sum[r];                                                              \
+        for (int d = 0; d < dim; d++) dst[d] = STORE(acc[r][d] * inv);                             \
+    }                                                                                              \
+}
+
+DEFINE_FAST_SET(fast_set_bf16, uint16_t, load16_bf16)
+DEFINE_FAST_SET(fast_set_f32, float, load16_f32)
+DEFINE_FAST_WORK_ITEM(fast_work_item_bf16, fast_set_bf16, uint16_t, LOAD_BF16, STORE_BF16)
+DEFINE_FAST_WORK_ITEM(fast_work_item_f32, fast_set_f32, float, LOAD_F32, STORE_F32)
+#endif
+
 /* Limits a caller checks before calling: rows per work item, head_dim and block_size. */
 int paged_attention_max_rows(void) { return MAX_ROWS; }
 int paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
@@ -224,6 +401,17 @@ void paged_attention(int dtype, void *out, const void *query, const void *key_ca
         int query_len = (int)(query_start_loc[req + 1] - query_start_loc[req]);
         int first_token = (chunk - first_item[i]) * tokens_per_item;
         int num_tokens = query_len - first_token < tokens_per_item ? query_len - first_token : tokens_per_item;
+#ifdef HAVE_FAST_PATH
+        if (head_dim % LANES == 0) {
+            if (dtype == 0)
+                fast_work_item_bf16(&s, (uint16_t *)out, query, key_cache, value_cache, req, first_kv_head,
+                                    kv_per_item, first_token, num_tokens);
+            else
+                fast_work_item_f32(&s, (float *)out, query, key_cache, value_cache, req, first_kv_head,
+                                   kv_per_item, first_token, num_tokens);
+            continue;
+        }
+#endif
         if (dtype == 0)
             work_item_bf16(&s, (uint16_t *)out, query, key_cache, value_cache, req, first_kv_head, kv_per_item,
                            first_token, num_tokens);

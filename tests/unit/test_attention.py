@@ -20,7 +20,7 @@ def test_decode_buckets_split_where_context_grows():
 
 def reference(query, keys, values, start, window, head_dim=HEAD_DIM):
     """Causal (optionally windowed) attention of query rows at positions start.. over keys 0..ctx-1."""
-    group = NUM_HEADS // NUM_KV_HEADS
+    group = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", query, keys) * head_dim ** -0.5
@@ -33,30 +33,31 @@ def reference(query, keys, values, start, window, head_dim=HEAD_DIM):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
-def build_case(requests, window, *, head_dim=HEAD_DIM, dtype=torch.float32, seed=0):
+def build_case(requests, window, *, head_dim=HEAD_DIM, dtype=torch.float32, seed=0, block_size=BLOCK_SIZE,
+               num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS):
     """A paged batch over scattered blocks: layout, (query, key, value, kv_cache) and the dense reference.
 
     requests: (start, query_len) pairs; positions before start are already in the cache.
     """
     generator = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-(s + q) // BLOCK_SIZE) for s, q in requests) + 8
+    num_blocks = sum(-(-(s + q) // block_size) for s, q in requests) + 8
     permutation = torch.randperm(num_blocks, generator=generator).tolist()  # scattered blocks
-    key_cache = torch.zeros(num_blocks * BLOCK_SIZE, NUM_KV_HEADS, head_dim, dtype=dtype)
+    key_cache = torch.zeros(num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
     value_cache = torch.zeros_like(key_cache)
     tables, full_keys, full_values, slots, queries = [], [], [], [], []
     for start, query_len in requests:
         context = start + query_len
-        table = [permutation.pop() for _ in range(-(-context // BLOCK_SIZE))]
-        keys = torch.randn(context, NUM_KV_HEADS, head_dim, generator=generator).to(dtype)
-        values = torch.randn(context, NUM_KV_HEADS, head_dim, generator=generator).to(dtype)
+        table = [permutation.pop() for _ in range(-(-context // block_size))]
+        keys = torch.randn(context, num_kv_heads, head_dim, generator=generator).to(dtype)
+        values = torch.randn(context, num_kv_heads, head_dim, generator=generator).to(dtype)
         for position in range(start):
-            slot = table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+            slot = table[position // block_size] * block_size + position % block_size
             key_cache[slot], value_cache[slot] = keys[position], values[position]
-        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, context)]
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, context)]
         tables.append(table)
         full_keys.append(keys)
         full_values.append(values)
-        queries.append(torch.randn(query_len, NUM_HEADS, head_dim, generator=generator).to(dtype))
+        queries.append(torch.randn(query_len, num_heads, head_dim, generator=generator).to(dtype))
     query_lens = np.array([q for _, q in requests])
     block_tables = np.zeros((len(requests), max(map(len, tables))), dtype=np.int64)
     for i, table in enumerate(tables):
@@ -64,7 +65,7 @@ def build_case(requests, window, *, head_dim=HEAD_DIM, dtype=torch.float32, seed
     layout = BatchLayout(query_lens=query_lens, context_lens=np.array([s + q for s, q in requests]),
                          query_start_loc=np.concatenate([[0], np.cumsum(query_lens)]), block_tables=block_tables,
                          slot_mapping=torch.tensor(slots), num_decodes=sum(q == 1 for _, q in requests),
-                         block_size=BLOCK_SIZE)
+                         block_size=block_size)
     new_keys = torch.cat([k[s:] for k, (s, _) in zip(full_keys, requests)])
     new_values = torch.cat([v[s:] for v, (s, _) in zip(full_values, requests)])
     inputs = (torch.cat(queries), new_keys, new_values, (key_cache, value_cache))
@@ -104,6 +105,18 @@ def test_cpu_kernel_matches_dense_reference_fp32(window, head_dim):
     assert metadata.kernel_requests.tolist() == list(range(13))
     assert [(c.token_start, c.token_end) for c in metadata.chunks] == [(34, 104), (104, 144)]
     output = backend.forward(*inputs, metadata, scale=head_dim ** -0.5, sliding_window=window)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("window", [None, 6, 40])
+def test_cpu_kernel_with_one_head_per_kv_head_and_blocks_longer_than_a_vector(window):
+    # Without GQA a decode is one row per KV head and a 7-token chunk seven; blocks of 32 keys are
+    # two 16-key sub-blocks in the vector loops (head_dim 32), so every row-set size runs there.
+    layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=32, block_size=32, num_heads=4,
+                                          num_kv_heads=4)
+    backend = CpuPagedBackend()
+    output = backend.forward(*inputs, backend.plan(layout, (window,)), scale=32 ** -0.5, sliding_window=window)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
