@@ -235,13 +235,107 @@ static inline __mmask16 visible_lanes(int64_t first, int n, int64_t pos, int win
     return (__mmask16)((((uint32_t)1 << (t_hi + 1)) - 1) & ~(((uint32_t)1 << t_lo) - 1));
 }
 
-/* One sub-block of n <= 16 keys (positions first, first + 1, ...) for `set` query rows of one KV
- * head: scores, the online-softmax update, and acc += P.V.  Always inlined and called with a
- * constant `set`, so the per-row loops unroll and their accumulators stay in registers. */
-#define DEFINE_FAST_SET(NAME, T, LOAD16)                                                          \
+/* The three steps for one sub-block of n <= 16 keys and `set` query rows of one KV head.  Always
+ * inlined and called with a constant `set`, so the per-row loops unroll and their accumulators
+ * stay in registers. */
+
+/* partial[j][t]: 16 partial sums of row j's q . key t (sum16 finishes them).  Queries are kept as
+ * Q_T: fp32 and pre-scaled, or, with AVX512-BF16, the bf16 query itself (scaled after the dot). */
+#define DEFINE_FMA_SCORES(NAME, T, LOAD16)                                                        \
 static inline __attribute__((always_inline)) void NAME(                                          \
-        const int set, const T *keys, const T *values, int64_t kv_stride, int chunks, int n,        \
-        int64_t first, int window, float (*q)[MAX_HEAD_DIM], float (*acc)[MAX_HEAD_DIM],          \
+        const int set, float (*q)[MAX_HEAD_DIM], const T *keys, int64_t kv_stride, int dim, int n, \
+        float (*partial)[LANES][LANES]) {                                                          \
+    for (int t = 0; t < n; t++) {                                                                  \
+        __m512 dots[FAST_ROWS];                                                                    \
+        for (int j = 0; j < set; j++) dots[j] = _mm512_setzero_ps();                               \
+        for (int c = 0; c < dim; c += LANES) {                                                     \
+            __m512 k = LOAD16(keys + t * kv_stride + c);                                          \
+            for (int j = 0; j < set; j++) dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[j] + c), k, dots[j]); \
+        }                                                                                          \
+        for (int j = 0; j < set; j++) _mm512_storeu_ps(partial[j][t], dots[j]);                    \
+    }                                                                                              \
+}
+
+#ifdef __AVX512BF16__
+/* bf16 . bf16 with vdpbf16ps: 32 products per instruction, summed in pairs into 16 fp32 lanes;
+ * no conversion of the keys.  A head_dim tail of 16 is zero-extended. */
+static inline __attribute__((always_inline)) void scores_bf16(
+        const int set, uint16_t (*q)[MAX_HEAD_DIM], const uint16_t *keys, int64_t kv_stride, int dim, int n,
+        float (*partial)[LANES][LANES]) {
+    for (int t = 0; t < n; t++) {
+        const uint16_t *k_row = keys + t * kv_stride;
+        __m512 dots[FAST_ROWS];
+        for (int j = 0; j < set; j++) dots[j] = _mm512_setzero_ps();
+        int c = 0;
+        for (; c + 2 * LANES <= dim; c += 2 * LANES) {
+            __m512bh k = (__m512bh)_mm512_loadu_si512(k_row + c);
+            for (int j = 0; j < set; j++)
+                dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_loadu_si512(q[j] + c), k);
+        }
+        if (c < dim) {
+            __m512bh k = (__m512bh)_mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(k_row + c)));
+            for (int j = 0; j < set; j++)
+                dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_zextsi256_si512(
+                                               _mm256_loadu_si256((const __m256i *)(q[j] + c))), k);
+        }
+        for (int j = 0; j < set; j++) _mm512_storeu_ps(partial[j][t], dots[j]);
+    }
+}
+#define BF16_Q_T uint16_t
+#define BF16_Q_LOAD(x, scale) (x)
+#define BF16_SCORE_SCALE(s) ((s)->scale)
+#else
+DEFINE_FMA_SCORES(scores_bf16, uint16_t, load16_bf16)
+#define BF16_Q_T float
+#define BF16_Q_LOAD(x, scale) (bf16_to_f32(x) * (scale))
+#define BF16_SCORE_SCALE(s) 1.f
+#endif
+DEFINE_FMA_SCORES(scores_f32, float, load16_f32)
+
+/* Online softmax over the sub-block: p[j] = exp(scores - running max) on visible lanes (0 elsewhere),
+ * rescaling the row's sum and accumulator when its max grows. */
+static inline __attribute__((always_inline)) void softmax_update(
+        const int set, const __mmask16 *visible, float score_scale, float (*partial)[LANES][LANES],
+        float (*acc)[MAX_HEAD_DIM], int dim, float *row_max, float *row_sum, float (*p)[LANES]) {
+    for (int j = 0; j < set; j++) {
+        if (!visible[j]) { _mm512_storeu_ps(p[j], _mm512_setzero_ps()); continue; }
+        __m512 scores = _mm512_mul_ps(sum16((const __m512 *)partial[j]), _mm512_set1_ps(score_scale));
+        float block_max = _mm512_mask_reduce_max_ps(visible[j], scores);
+        if (block_max > row_max[j]) {
+            float correction = expf(row_max[j] - block_max);
+            row_sum[j] *= correction;
+            for (int c = 0; c < dim; c += LANES)
+                _mm512_storeu_ps(acc[j] + c, _mm512_mul_ps(_mm512_loadu_ps(acc[j] + c), _mm512_set1_ps(correction)));
+            row_max[j] = block_max;
+        }
+        __m512 probs = _mm512_maskz_mov_ps(visible[j], exp16(_mm512_sub_ps(scores, _mm512_set1_ps(row_max[j]))));
+        row_sum[j] += _mm512_reduce_add_ps(probs);
+        _mm512_storeu_ps(p[j], probs);
+    }
+}
+
+/* acc[j] += sum over t of p[j][t] * value t; each value row is loaded once for the whole set. */
+#define DEFINE_ACCUMULATE(NAME, T, LOAD16)                                                        \
+static inline __attribute__((always_inline)) void NAME(                                          \
+        const int set, float (*p)[LANES], const T *values, int64_t kv_stride, int dim, int n,      \
+        float (*acc)[MAX_HEAD_DIM]) {                                                              \
+    for (int c = 0; c < dim; c += LANES) {                                                         \
+        __m512 sums[FAST_ROWS];                                                                    \
+        for (int j = 0; j < set; j++) sums[j] = _mm512_loadu_ps(acc[j] + c);                       \
+        for (int t = 0; t < n; t++) {                                                              \
+            __m512 v = LOAD16(values + t * kv_stride + c);                                        \
+            for (int j = 0; j < set; j++) sums[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[j][t]), v, sums[j]); \
+        }                                                                                          \
+        for (int j = 0; j < set; j++) _mm512_storeu_ps(acc[j] + c, sums[j]);                       \
+    }                                                                                              \
+}
+DEFINE_ACCUMULATE(accumulate_bf16, uint16_t, load16_bf16)
+DEFINE_ACCUMULATE(accumulate_f32, float, load16_f32)
+
+#define DEFINE_FAST_SET(NAME, T, Q_T, SCORES, ACCUMULATE)                                          \
+static inline __attribute__((always_inline)) void NAME(                                          \
+        const int set, const T *keys, const T *values, int64_t kv_stride, int dim, int n,           \
+        int64_t first, int window, float score_scale, Q_T (*q)[MAX_HEAD_DIM], float (*acc)[MAX_HEAD_DIM], \
         float *row_max, float *row_sum, const int64_t *row_pos, float (*partial)[LANES][LANES]) {  \
     __mmask16 visible[FAST_ROWS], any = 0;                                                         \
     for (int j = 0; j < set; j++) {                                                                \
@@ -249,47 +343,18 @@ static inline __attribute__((always_inline)) void NAME(                         
         any |= visible[j];                                                                         \
     }                                                                                              \
     if (!any) return;                                                                              \
-    for (int t = 0; t < n; t++) {                                                                  \
-        __m512 dots[FAST_ROWS];                                                                    \
-        for (int j = 0; j < set; j++) dots[j] = _mm512_setzero_ps();                               \
-        for (int c = 0; c < chunks; c++) {                                                         \
-            __m512 k = LOAD16(keys + t * kv_stride + c * LANES);                                  \
-            for (int j = 0; j < set; j++)                                                          \
-                dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[j] + c * LANES), k, dots[j]);          \
-        }                                                                                          \
-        for (int j = 0; j < set; j++) _mm512_storeu_ps(partial[j][t], dots[j]);                    \
-    }                                                                                              \
     float p[FAST_ROWS][LANES];                                                                     \
-    for (int j = 0; j < set; j++) {                                                                \
-        if (!visible[j]) { _mm512_storeu_ps(p[j], _mm512_setzero_ps()); continue; }                \
-        __m512 scores = sum16((const __m512 *)partial[j]);                                         \
-        float block_max = _mm512_mask_reduce_max_ps(visible[j], scores);                           \
-        if (block_max > row_max[j]) {                                                              \
-            __m512 correction = _mm512_set1_ps(expf(row_max[j] - block_max));                      \
-            row_sum[j] *= _mm512_cvtss_f32(correction);                                            \
-            for (int c = 0; c < chunks; c++)                                                       \
-                _mm512_storeu_ps(acc[j] + c * LANES, _mm512_mul_ps(_mm512_loadu_ps(acc[j] + c * LANES), correction)); \
-            row_max[j] = block_max;                                                                \
-        }                                                                                          \
-        __m512 probs = _mm512_maskz_mov_ps(visible[j], exp16(_mm512_sub_ps(scores, _mm512_set1_ps(row_max[j])))); \
-        row_sum[j] += _mm512_reduce_add_ps(probs);                                                 \
-        _mm512_storeu_ps(p[j], probs);                                                             \
-    }                                                                                              \
-    for (int c = 0; c < chunks; c++) {                                                             \
-        __m512 sums[FAST_ROWS];                                                                    \
-        for (int j = 0; j < set; j++) sums[j] = _mm512_loadu_ps(acc[j] + c * LANES);               \
-        for (int t = 0; t < n; t++) {                                                              \
-            __m512 v = LOAD16(values + t * kv_stride + c * LANES);                                \
-            for (int j = 0; j < set; j++) sums[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[j][t]), v, sums[j]); \
-        }                                                                                          \
-        for (int j = 0; j < set; j++) _mm512_storeu_ps(acc[j] + c * LANES, sums[j]);               \
-    }                                                                                              \
+    SCORES(set, q, keys, kv_stride, dim, n, partial);                                              \
+    softmax_update(set, visible, score_scale, partial, acc, dim, row_max, row_sum, p);            \
+    ACCUMULATE(set, p, values, kv_stride, dim, n, acc);                                            \
 }
+DEFINE_FAST_SET(fast_set_bf16, uint16_t, BF16_Q_T, scores_bf16, accumulate_bf16)
+DEFINE_FAST_SET(fast_set_f32, float, float, scores_f32, accumulate_f32)
 
-#define DEFINE_FAST_WORK_ITEM(NAME, SET_NAME, T, LOAD, STORE)                                      \
+#define DEFINE_FAST_WORK_ITEM(NAME, SET_NAME, T, Q_T, Q_LOAD, SCORE_SCALE, STORE)                   \
 static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, const T *value_cache, \
                  int req, int first_kv_head, int num_kv, int first_token, int num_tokens) {        \
-    const int dim = s->head_dim, chunks = dim / LANES, group = s->num_heads / s->num_kv_heads;    \
+    const int dim = s->head_dim, group = s->num_heads / s->num_kv_heads;    \
     const int rows_per_kv = num_tokens * group, rows = rows_per_kv * num_kv, bs = s->block_size;  \
     const int64_t q_start = s->query_start_loc[req];                                               \
     const int64_t query_len = s->query_start_loc[req + 1] - q_start;                               \
@@ -298,14 +363,15 @@ static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, con
     const int64_t kv_stride = (int64_t)s->num_kv_heads * dim;                                     \
     /* Row r: KV head first_kv_head + r / rows_per_kv, token r % rows_per_kv / group and query    \
      * head kv_head * group + r % group, so the rows of one KV head are consecutive. */           \
-    float q[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];                                  \
+    Q_T q[MAX_ROWS][MAX_HEAD_DIM];                                                                 \
+    float acc[MAX_ROWS][MAX_HEAD_DIM];                                                             \
     float row_max[MAX_ROWS], row_sum[MAX_ROWS], partial[FAST_ROWS][LANES][LANES];                  \
     int64_t row_pos[MAX_ROWS];                                                                     \
     for (int r = 0; r < rows; r++) {                                                               \
         int kv_head = first_kv_head + r / rows_per_kv, token = first_token + r % rows_per_kv / group; \
         const T *src = query + (q_start + token) * s->query_stride                                 \
                        + (int64_t)(kv_head * group + r % group) * dim;                             \
-        for (int d = 0; d < dim; d++) { q[r][d] = LOAD(src[d]) * s->scale; acc[r][d] = 0.f; }     \
+        for (int d = 0; d < dim; d++) { q[r][d] = Q_LOAD(src[d], s->scale); acc[r][d] = 0.f; }     \
         row_max[r] = -INFINITY;                                                                    \
         row_sum[r] = 0.f;                                                                          \
         row_pos[r] = context_len - query_len + token;                                              \
@@ -327,14 +393,16 @@ static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, con
                 set = rows_per_kv - r0 % rows_per_kv < FAST_ROWS ? rows_per_kv - r0 % rows_per_kv : FAST_ROWS; \
                 const int64_t offset = (base + t0) * kv_stride + (int64_t)(first_kv_head + r0 / rows_per_kv) * dim; \
                 const T *keys = key_cache + offset, *values = value_cache + offset;                \
-                switch (set) {                                                                     \
-                case 1: SET_NAME(1, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
-                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
-                case 2: SET_NAME(2, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
-                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
-                case 3: SET_NAME(3, keys, values, kv_stride, chunks, n, block_start + t0, s->window, q + r0, \
-                                 acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
-                default: SET_NAME(FAST_ROWS, keys, values, kv_stride, chunks, n, block_start + t0, s->window, \
+                const int64_t first = block_start + t0;                                            \
+                const float score_scale = SCORE_SCALE(s);                                          \
+                switch (set) { /* a constant set size per call, for the unrolled loops */          \
+                case 1: SET_NAME(1, keys, values, kv_stride, dim, n, first, s->window, score_scale, \
+                                 q + r0, acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                case 2: SET_NAME(2, keys, values, kv_stride, dim, n, first, s->window, score_scale, \
+                                 q + r0, acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                case 3: SET_NAME(3, keys, values, kv_stride, dim, n, first, s->window, score_scale, \
+                                 q + r0, acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); break; \
+                default: SET_NAME(FAST_ROWS, keys, values, kv_stride, dim, n, first, s->window, score_scale, \
                                   q + r0, acc + r0, row_max + r0, row_sum + r0, row_pos + r0, partial); \
                 }                                                                                  \
             }                                                                                      \
@@ -348,10 +416,10 @@ static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, con
     }                                                                                              \
 }
 
-DEFINE_FAST_SET(fast_set_bf16, uint16_t, load16_bf16)
-DEFINE_FAST_SET(fast_set_f32, float, load16_f32)
-DEFINE_FAST_WORK_ITEM(fast_work_item_bf16, fast_set_bf16, uint16_t, LOAD_BF16, STORE_BF16)
-DEFINE_FAST_WORK_ITEM(fast_work_item_f32, fast_set_f32, float, LOAD_F32, STORE_F32)
+#define F32_Q_LOAD(x, scale) ((x) * (scale))
+#define F32_SCORE_SCALE(s) 1.f
+DEFINE_FAST_WORK_ITEM(fast_work_item_bf16, fast_set_bf16, uint16_t, BF16_Q_T, BF16_Q_LOAD, BF16_SCORE_SCALE, STORE_BF16)
+DEFINE_FAST_WORK_ITEM(fast_work_item_f32, fast_set_f32, float, float, F32_Q_LOAD, F32_SCORE_SCALE, STORE_F32)
 #endif
 
 /* Limits a caller checks before calling: rows per work item, head_dim and block_size. */

@@ -211,35 +211,51 @@ class Sampler:
         params = [row.params for row in rows]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         sample_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]
-        needs_processing = any(p.logit_bias or _has_penalties(p) for p in params) or any(
-            _in_min_tokens(row) for row in rows)
-        if not sample_rows and not needs_processing and not logprob_rows:
-            return SamplerOutput(_greedy(raw).tolist(), [None] * len(rows))
+        changes_logits = any(p.logit_bias or _has_penalties(p) for p in params)
+        if not sample_rows and not changes_logits:
+            # All greedy, at most min_tokens' bans to apply: argmax of the raw logits without a copy.
+            token_ids = self._greedy_with_bans(raw, rows)
+            return SamplerOutput(token_ids.tolist(), self._logprobs(raw, token_ids, params, logprob_rows))
 
-        # An all-greedy batch whose only processing is min_tokens' -inf bans is exact in the logits'
-        # own dtype, so it skips the fp32 copy (a benchmark's min_tokens = max_tokens is this case).
-        masks_only = not sample_rows and not any(p.logit_bias or _has_penalties(p) for p in params)
-        work = raw.clone() if masks_only else raw.to(torch.float32, copy=True)
+        needs_processing = changes_logits or any(_in_min_tokens(row) for row in rows)
+        work = raw.to(torch.float32, copy=True)
         if needs_processing:
             apply_logit_bias(work, rows)
             apply_min_tokens(work, rows, self.eos_token_ids)
             apply_penalties(work, rows)
-        if masks_only:
-            token_ids = _greedy(work)
-        elif len(sample_rows) == len(rows):
+        if len(sample_rows) == len(rows):
             token_ids = self._sample(work, rows)
         else:
             token_ids = work.max(dim=-1).indices  # as argmax (first index on ties), faster on CPU
             if sample_rows:
                 token_ids[sample_rows] = self._sample(work[sample_rows], [rows[i] for i in sample_rows])
 
-        logprobs: list[Optional[RowLogprobs]] = [None] * len(rows)
+        return SamplerOutput(token_ids.tolist(), self._logprobs(raw, token_ids, params, logprob_rows))
+
+    def _greedy_with_bans(self, raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """argmax per row with min_tokens' bans: a row's pick only changes if the pick itself is banned."""
+        token_ids = _greedy(raw)
+        banned_rows = [i for i, row in enumerate(rows) if _in_min_tokens(row)]
+        if banned_rows:
+            picks = token_ids[banned_rows].tolist()
+            redo = [i for i, pick in zip(banned_rows, picks)
+                    if pick in self.eos_token_ids or pick in rows[i].params.stop_token_ids]
+            if redo:
+                work = raw[redo].clone()
+                apply_min_tokens(work, [rows[i] for i in redo], self.eos_token_ids)
+                token_ids[redo] = _greedy(work)
+        return token_ids
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams],
+                  logprob_rows: list[int]) -> list[Optional[RowLogprobs]]:
+        logprobs: list[Optional[RowLogprobs]] = [None] * len(params)
         if logprob_rows:
             computed = compute_logprobs(raw[logprob_rows], token_ids[logprob_rows],
                                         [params[i].logprobs for i in logprob_rows])
             for i, row_logprobs in zip(logprob_rows, computed):
                 logprobs[i] = row_logprobs
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return logprobs
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then one draw per row; modifies ``logits``."""

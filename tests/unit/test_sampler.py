@@ -143,7 +143,7 @@ def test_min_tokens_suppresses_eos_and_stop_tokens_then_releases():
     assert sampler(logits, [make_row(output=[4, 4], **params)]).token_ids == [5]
 
 
-def test_min_tokens_in_bf16_bans_on_a_copy_and_keeps_other_rows_greedy():
+def test_min_tokens_in_bf16_leaves_the_logits_alone_and_other_rows_greedy():
     sampler = Sampler(6, eos_token_ids=[EOS, 5])
     logits = torch.tensor([[9.0, 1.0, 2.0, 8.0, 0.0, 9.5]] * 3, dtype=torch.bfloat16)
     before = logits.clone()
@@ -152,6 +152,9 @@ def test_min_tokens_in_bf16_bans_on_a_copy_and_keeps_other_rows_greedy():
             make_row(output=[4, 4], temperature=0.0, min_tokens=2)]
     assert sampler(logits, rows).token_ids == [2, 5, 5]
     assert torch.equal(logits, before)
+    # eos ties with a later token: the raw argmax (first index) is banned, the tie partner wins.
+    tied = torch.tensor([[9.0, 1.0, 9.0, 8.0, 0.0, 2.0]], dtype=torch.bfloat16)
+    assert sampler(tied, [make_row(output=[], temperature=0.0, min_tokens=1)]).token_ids == [2]
 
 
 def test_repetition_presence_frequency_penalties_by_hand():
