@@ -167,7 +167,7 @@ def _client_process(url: str, args: argparse.Namespace) -> subprocess.Popen:
 
 
 def run_server(args: argparse.Namespace) -> dict[str, Any]:
-    from splitfuse.engine.async_engine import AsyncLLMEngine
+    from splitfuse.engine.async_engine import AsyncLLMEngine, run_in_thread
     from splitfuse.engine.llm_engine import LLMEngine
     from splitfuse.entrypoints.openai.server import ServerThread, build_app
 
@@ -177,7 +177,7 @@ def run_server(args: argparse.Namespace) -> dict[str, Any]:
         def _step(self) -> None:  # runs on the engine thread
             clock.time(super()._step)
 
-    engine = TimedAsyncLLMEngine(LLMEngine.from_config(engine_config(args)))
+    engine = TimedAsyncLLMEngine(run_in_thread(LLMEngine.from_config, engine_config(args)))
     with ServerThread(build_app(engine, ["bench"])) as server:
         client = _client_process(server.url, args)
         try:
@@ -228,11 +228,15 @@ def main() -> None:
         args.model = demo_model_path()
     import torch
 
+    from splitfuse.engine.async_engine import run_in_thread
+
     torch.set_num_threads(args.torch_threads)
     prompts = make_prompts(args.model, args.num_requests, args.prompt_tokens, args.seed)
     offline_runs, server_runs = [], []
     for _ in range(args.repeats):
-        offline_runs.append(run_offline(args, prompts))
+        # Offline on a thread of its own, and the server's engine built on one (as AsyncLLMEngine.from_config
+        # does): the main thread must never start OpenMP work (benchmarks/omp_teams.py).
+        offline_runs.append(run_in_thread(run_offline, args, prompts))
         server_runs.append(run_server(args))
     offline, server = median_run(offline_runs), median_run(server_runs)
     result: dict[str, Any] = {

@@ -3,6 +3,8 @@
 Why a thread and not a process: the engine's time goes to torch kernels, which release
 the GIL, so HTTP work on the event loop and the engine loop overlap without pickling
 outputs across a process boundary (see benchmarks/serve_load.py for the measurement).
+One condition: the event-loop thread must never start OpenMP work, or the engine thread's
+parallel ops slow down 2-4x (``from_config`` explains; benchmarks/omp_teams.py measures it).
 
 Threading contract (the LLMEngine itself is not thread-safe):
 - only the engine thread calls into the LLMEngine (add, abort, step, stats);
@@ -71,6 +73,25 @@ class _Abort:
 
 
 _STOP = object()
+
+
+def run_in_thread(function: Any, *args: Any) -> Any:
+    """``function(*args)`` on a new thread that ends right after; its result or exception comes back here."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(function(*args))
+        except BaseException as raised:  # re-raised on the calling thread
+            error.append(raised)
+
+    thread = threading.Thread(target=target, name="splitfuse-engine-init")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 class RequestStream:
@@ -175,9 +196,17 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> "AsyncLLMEngine":
+        """Builds the LLMEngine on a short-lived thread, so this (event-loop) thread runs no torch work.
+
+        OpenMP, torch's CPU thread pool, keeps one worker team per thread that starts parallel work.
+        Loading a model starts it; had that been this thread, its team would outlive the load, and
+        with two teams libgomp has more threads than cores and stops spinning between parallel ops:
+        each op then waits for a sleeping worker to wake, and a decode step took 2.3x longer on the
+        engine thread (benchmarks/omp_teams.py). A finished thread's team ends with it.
+        """
         from splitfuse.engine.llm_engine import LLMEngine
 
-        return cls(LLMEngine.from_config(config), **kwargs)
+        return cls(run_in_thread(LLMEngine.from_config, config), **kwargs)
 
     # ----- lifecycle -----------------------------------------------------------------
 

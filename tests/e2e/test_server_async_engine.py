@@ -325,3 +325,31 @@ def test_engine_dead_error_is_raised_to_waiting_callers():
         await engine.shutdown(timeout_s=0.1)
 
     run(main)
+
+
+def test_from_config_builds_the_engine_on_a_thread_that_has_ended(monkeypatch):
+    # The caller's thread (the event loop's) must start no OpenMP work: the engine, and with it the
+    # model load, is built on a helper thread that ends before from_config returns.
+    from splitfuse.engine import llm_engine
+
+    built_on: list[threading.Thread] = []
+
+    def fake_from_config(config):
+        built_on.append(threading.current_thread())
+        return FakeEngine()
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "from_config", staticmethod(fake_from_config))
+    engine = AsyncLLMEngine.from_config(object())
+    assert isinstance(engine.engine, FakeEngine)
+    assert built_on[0] is not threading.current_thread() and not built_on[0].is_alive()
+
+
+def test_from_config_raises_the_build_error_on_the_calling_thread(monkeypatch):
+    from splitfuse.engine import llm_engine
+
+    def failing_from_config(config):
+        raise ValueError("unknown architecture 'Foo'")
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "from_config", staticmethod(failing_from_config))
+    with pytest.raises(ValueError, match="unknown architecture 'Foo'"):
+        AsyncLLMEngine.from_config(object())
