@@ -159,6 +159,8 @@ class CpuKernels:
     def write_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor,
                        value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """key_cache[slot_mapping[t]] = key[t] (and value); key/value [T, KVH, D] with strided rows."""
+        if not key.shape[0] == value.shape[0] == slot_mapping.shape[0]:  # the C loop trusts these
+            raise ValueError(f"{key.shape[0]} key and {value.shape[0]} value rows for {slot_mapping.shape[0]} slots")
         self.library.write_kv_cache(DTYPE_CODES[key.dtype], key_cache.data_ptr(), value_cache.data_ptr(),
                                     key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr(), key.shape[0],
                                     key.shape[1] * key.shape[2], key.stride(0), value.stride(0))

@@ -38,7 +38,12 @@ class AttentionBackend(Protocol):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: Any, *,
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
-        """query [T, H, D], key/value [T, KVH, D] -> [T, H, D]; writes key/value into kv_cache first."""
+        """query [T, H, D], key/value [T, KVH, D] -> [T, H, D]; writes key/value into kv_cache first.
+
+        T may exceed the step's token count (len(slot_mapping)): the runner pads the batch for
+        packed matmuls. Padding rows are not attention rows: no KV is written for them and their
+        output rows are zero.
+        """
         ...
 
 

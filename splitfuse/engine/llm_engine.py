@@ -70,7 +70,9 @@ class LLMEngine:
         self.runner = ModelRunner(setup.model_path, setup.arch, dtype=setup.dtype, device=setup.device,
                                   num_blocks=setup.num_blocks, block_size=config.cache.block_size,
                                   eos_token_ids=setup.eos_token_ids, seed=config.model.seed,
-                                  attention_backend=config.model.attention_backend)
+                                  attention_backend=config.model.attention_backend,
+                                  max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # sequence id -> group
         self._arrival_counter = 0

@@ -4,11 +4,17 @@ F.linear in bf16 on CPU lets oneDNN reorder the weight into its blocked (AMX) la
 each call, which costs as much memory traffic as the matmul itself. Packing once makes
 decode-sized matmuls 1.5-4x faster on this project's machines (docs/benchmarks.md).
 Only bf16 on CPU is packed; fp32 gains nothing and keeps the plain path (and exact parity).
+
+oneDNN also compiles a kernel for every new number of rows (1-12 ms the first time; a cache of
+1,024 kernels after that), and a step's row count is its token count, which varies from step
+to step. So a packed model runs at a few row counts only (``padded_rows``: the runner pads the
+batch with dummy tokens), and ``warm_up`` compiles all of them once at load.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -59,3 +65,42 @@ def pack_linear_layers(module: nn.Module) -> int:
         else:
             count += pack_linear_layers(child)
     return count
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed matmul runs at: exact up to 8, then a multiple of 8 up to 64, then of 64.
+
+    1 -> 1, 9 -> 16, 65 -> 128, 500 -> 512. Up to a few hundred rows a matmul reads its weight
+    once whatever the rows, so padding there costs little; past that, at most 63 rows of work.
+    """
+    if rows <= 8:
+        return rows
+    step = 8 if rows <= 64 else 64
+    return -(-rows // step) * step
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every padded row count of 1..max_rows: row_buckets(20) -> [1, 2, ..., 8, 16, 24]."""
+    return sorted({padded_rows(rows) for rows in range(1, max_rows + 1)})
+
+
+def warm_up(module: nn.Module, max_rows: int, logits: PackedLinear | None = None, max_logit_rows: int = 0) -> float:
+    """Runs each distinct packed layer shape under ``module`` once per row bucket; returns the seconds taken.
+
+    Layers that share a shape share oneDNN's kernels, so one of each is enough; ``logits`` (the
+    lm_head, which sees only the rows that sample) is warmed up to ``max_logit_rows``.
+    """
+    started = time.perf_counter()
+    shapes: dict[tuple[int, int, bool], PackedLinear] = {}
+    for child in module.modules():
+        if isinstance(child, PackedLinear):
+            shapes.setdefault((child.in_features, child.out_features, child.bias is not None), child)
+    jobs = [(layer, max_rows) for layer in shapes.values()]
+    if logits is not None:
+        jobs.append((logits, max_logit_rows))
+    with torch.inference_mode():
+        for layer, rows_limit in jobs:
+            dtype = layer.packed_weight.dtype
+            for rows in row_buckets(rows_limit):
+                layer(torch.zeros(rows, layer.in_features, dtype=dtype))
+    return time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -10,12 +11,13 @@ from torch import nn
 
 from splitfuse.attention.backend import AttentionBackend
 from splitfuse.cpu_kernels import applies, load_cpu_kernels
-from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported
+from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported, padded_rows, warm_up
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
 from splitfuse.models.config import ArchConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class LlamaAttention(nn.Module):
@@ -137,9 +139,23 @@ class LlamaForCausalLM(nn.Module):
         self.packed_logits = PackedLinear(lm_weight, None)
         pack_linear_layers(self.layers)
 
+    @property
+    def pads_rows(self) -> bool:
+        """Whether forward wants its token count padded to ``padded_rows`` (packed oneDNN matmuls)."""
+        return self.packed_logits is not None
+
+    def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
+        """Compiles the packed matmuls for every padded row count a step can have (see layers/linear.py)."""
+        if self.packed_logits is not None:
+            seconds = warm_up(self.layers, max_tokens, self.packed_logits, max_logit_rows)
+            logger.info("compiled the packed matmuls for up to %d tokens in %.1f s", max_tokens, seconds)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_logits is not None:
-            return self.packed_logits(hidden)
+            rows = hidden.shape[0]
+            if padded_rows(rows) != rows:
+                hidden = torch.cat([hidden, hidden.new_zeros(padded_rows(rows) - rows, hidden.shape[1])])
+            return self.packed_logits(hidden)[:rows]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
 

@@ -12,6 +12,7 @@ import torch
 from splitfuse.attention.backend import BatchLayout, allocate_kv_cache
 from splitfuse.attention.selector import select_attention_backend
 from splitfuse.engine.request import Request
+from splitfuse.layers.linear import padded_rows
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.loader import load_model
 from splitfuse.sample.sampler import Sampler, SamplerOutput, SamplingRow
@@ -30,7 +31,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", max_num_batched_tokens: int = 0, max_num_seqs: int = 0) -> None:
         self.arch = arch
         self.device = device
         self.block_size = block_size
@@ -40,6 +41,8 @@ class ModelRunner:
                                            arch.head_dim, dtype, device)
         self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed)
+        # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
+        self.model.warm_up(max_num_batched_tokens, max_num_seqs)
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int],
@@ -89,6 +92,10 @@ class ModelRunner:
             query_lens=query_lens, context_lens=starts + query_lens, query_start_loc=query_start_loc,
             block_tables=table_array, slot_mapping=torch.from_numpy(slots).to(self.device),
             num_decodes=int(np.count_nonzero(query_lens == 1)), block_size=self.block_size)
+        if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
+            padding = padded_rows(num_tokens) - num_tokens
+            token_ids.extend([0] * padding)
+            positions = np.concatenate([positions, np.zeros(padding, dtype=positions.dtype)])
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return input_ids, torch.from_numpy(positions).to(self.device), layout
 

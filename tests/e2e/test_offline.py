@@ -199,3 +199,34 @@ def test_unknown_architecture_and_missing_files(llama_ckpt, tmp_path):
         LLM(model=str(tmp_path / "nowhere"))
     with pytest.raises(TypeError, match="unknown engine argument.*block_sise"):
         LLM(model=llama_ckpt, block_sise=16)
+
+
+@pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "mixtral_ckpt"])
+def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, request):
+    from splitfuse.layers.linear import packing_supported, padded_rows
+
+    if not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN bf16 weight packing unavailable")
+    bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
+               block_size=4, device="cpu", enable_prefix_caching=False)
+    model = bf16.engine.runner.model
+    assert model.pads_rows
+    seen_rows = []
+    forward = model.forward
+
+    def recording_forward(input_ids, positions, kv_caches, attn_metadata):
+        seen_rows.append((input_ids.shape[0], positions.shape[0], attn_metadata.slot_mapping.shape[0]))
+        return forward(input_ids, positions, kv_caches, attn_metadata)
+
+    model.forward = recording_forward
+    prompts = random_prompts([11, 23, 5], seed=4)
+    first = [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)]
+    # Every step ran at the padded row count of its real token count (11 + 23 + 5 = 39 tokens of
+    # prompt over budgets of 40, then 3 decodes a step); none of the padding reached the KV cache.
+    assert seen_rows[0] == (padded_rows(39), padded_rows(39), 39) == (40, 40, 39)
+    assert all(rows == positions == padded_rows(tokens) for rows, positions, tokens in seen_rows)
+    assert [len(tokens) for tokens in first] == [12, 12, 12]
+    assert_idle(bf16)
+    # Same batch, same steps, same padding and kernels: the same tokens again. (bf16 results do depend
+    # on a matmul's row count, so a different batch, or prefix-cache hits, may change late tokens.)
+    assert [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)] == first

@@ -138,3 +138,23 @@ def test_cpu_kernel_splits_kv_heads_when_requests_are_few(requests):
     backend = CpuPagedBackend()
     output = backend.forward(*inputs, backend.plan(layout, (None,)), scale=64 ** -0.5, sliding_window=None)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("cpu-kernel", marks=needs_cpu_kernel)])
+def test_padding_rows_past_the_step_are_ignored(backend_name):
+    # The runner pads a packed model's batch with dummy tokens: no KV is written for them, the real
+    # rows come out as without padding, and the padding rows' output is zero.
+    layout, (query, key, value, kv_cache), _ = build_case(KERNEL_BATCH, None)
+    backend = TorchNativeBackend(torch.device("cpu")) if backend_name == "torch" else CpuPagedBackend()
+    clean_cache = tuple(c.clone() for c in kv_cache)
+    expected = backend.forward(query, key, value, clean_cache, backend.plan(layout, (None,)),
+                               scale=HEAD_DIM ** -0.5, sliding_window=None)
+    generator = torch.Generator().manual_seed(7)
+    padded = [torch.cat([t, torch.randn(5, *t.shape[1:], generator=generator)]) for t in (query, key, value)]
+    output = backend.forward(*padded, kv_cache, backend.plan(layout, (None,)), scale=HEAD_DIM ** -0.5,
+                             sliding_window=None)
+    num_tokens = query.shape[0]
+    assert output.shape == (num_tokens + 5, NUM_HEADS, HEAD_DIM)
+    assert torch.equal(output[:num_tokens], expected)
+    assert torch.equal(output[num_tokens:], torch.zeros(5, NUM_HEADS, HEAD_DIM))
+    assert all(torch.equal(a, b) for a, b in zip(kv_cache, clean_cache))

@@ -81,6 +81,8 @@ def test_write_kv_cache_puts_each_row_at_its_slot():
     assert torch.equal(key_cache[[7, 0, 4]], key) and torch.equal(value_cache[[7, 0, 4]], value)
     untouched = [1, 2, 3, 5, 6, 8, 9]
     assert not key_cache[untouched].any() and not value_cache[untouched].any()
+    with pytest.raises(ValueError, match="3 key and 3 value rows for 2 slots"):
+        load_cpu_kernels().write_kv_cache(key_cache, value_cache, key, value, torch.tensor([7, 0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

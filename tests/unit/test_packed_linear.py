@@ -1,11 +1,13 @@
-"""PackedLinear (oneDNN-prepacked bf16 weights) computes what F.linear computes, for any batch size."""
+"""PackedLinear (oneDNN-prepacked bf16 weights) computes what F.linear computes, for any batch size;
+the row buckets a packed model runs at, and the warm-up that compiles them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported
+from splitfuse.layers.linear import (PackedLinear, pack_linear_layers, packing_supported, padded_rows,
+                                    row_buckets, warm_up)
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.bfloat16),
                                 reason="oneDNN bf16 weight packing unavailable")
@@ -34,3 +36,30 @@ def test_pack_linear_layers_replaces_every_linear():
 def test_fp32_and_non_cpu_are_not_packed():
     assert not packing_supported(torch.device("cpu"), torch.float32)
     assert not packing_supported(torch.device("meta"), torch.bfloat16)
+
+
+def test_padded_rows_are_exact_to_8_then_multiples_of_8_to_64_then_of_64():
+    assert [padded_rows(r) for r in (1, 2, 8, 9, 16, 17, 63, 64, 65, 128, 129, 500, 2048)] == \
+        [1, 2, 8, 16, 16, 24, 64, 64, 128, 128, 192, 512, 2048]
+    assert row_buckets(20) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 24]
+    assert row_buckets(130) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64, 128, 192]
+    assert all(padded_rows(r) in row_buckets(300) for r in range(1, 301))
+
+
+def test_warm_up_runs_each_distinct_shape_once_per_bucket(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)).to(torch.bfloat16)
+    pack_linear_layers(model)
+    logits = PackedLinear(torch.zeros(32, 8, dtype=torch.bfloat16), None)
+    calls = []
+    original = PackedLinear.forward
+
+    def recording_forward(self, x):
+        calls.append((self.in_features, self.out_features, x.shape[0]))
+        return original(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", recording_forward)
+    warm_up(model, max_rows=12, logits=logits, max_logit_rows=3)
+    buckets = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    # The two 8 -> 16 layers share one shape, so only the first is run; the logits layer up to 3 rows.
+    assert calls == ([(8, 16, rows) for rows in buckets] + [(16, 8, rows) for rows in buckets]
+                     + [(8, 32, rows) for rows in (1, 2, 3)])
