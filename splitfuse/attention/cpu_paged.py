@@ -75,7 +75,9 @@ class CpuPagedBackend:
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
         num_tokens = metadata.slot_mapping.shape[0]  # rows past it are the runner's padding
-        key, value = key[:num_tokens], value[:num_tokens]
+        padded = query.shape[0] > num_tokens
+        if padded:
+            key, value = key[:num_tokens], value[:num_tokens]
         if applies(key, value) and key.stride(1) == key.shape[2] and value.stride(1) == value.shape[2]:
             self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
         else:
@@ -84,7 +86,8 @@ class CpuPagedBackend:
         if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
             query = query.contiguous()
         output = torch.empty(query.shape, dtype=query.dtype)
-        output[num_tokens:] = 0
+        if padded:
+            output[num_tokens:] = 0
         requests = metadata.kernel_requests
         if len(requests):
             num_heads, head_dim = query.shape[1], query.shape[2]

@@ -120,11 +120,14 @@ class TorchNativeBackend:
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
         num_tokens = metadata.slot_mapping.shape[0]  # rows past it are the runner's padding
-        key, value = key[:num_tokens], value[:num_tokens]
+        padded = query.shape[0] > num_tokens
+        if padded:
+            key, value = key[:num_tokens], value[:num_tokens]
         key_cache.index_copy_(0, metadata.slot_mapping, key)
         value_cache.index_copy_(0, metadata.slot_mapping, value)
         output = torch.empty_like(query)
-        output[num_tokens:] = 0
+        if padded:
+            output[num_tokens:] = 0
         block_size = metadata.block_size
         for bucket in metadata.decode_buckets:
             rows = slice(bucket.row_start, bucket.row_end)

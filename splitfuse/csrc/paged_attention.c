@@ -354,7 +354,7 @@ DEFINE_FAST_SET(fast_set_f32, float, float, scores_f32, accumulate_f32)
 #define DEFINE_FAST_WORK_ITEM(NAME, SET_NAME, T, Q_T, Q_LOAD, SCORE_SCALE, STORE)                   \
 static void NAME(const Shape *s, T *out, const T *query, const T *key_cache, const T *value_cache, \
                  int req, int first_kv_head, int num_kv, int first_token, int num_tokens) {        \
-    const int dim = s->head_dim, group = s->num_heads / s->num_kv_heads;    \
+    const int dim = s->head_dim, group = s->num_heads / s->num_kv_heads;                         \
     const int rows_per_kv = num_tokens * group, rows = rows_per_kv * num_kv, bs = s->block_size;  \
     const int64_t q_start = s->query_start_loc[req];                                               \
     const int64_t query_len = s->query_start_loc[req + 1] - q_start;                               \

@@ -84,11 +84,17 @@ def row_buckets(max_rows: int) -> list[int]:
     return sorted({padded_rows(rows) for rows in range(1, max_rows + 1)})
 
 
+# Compiling a kernel takes up to ~12 ms; a matmul of 2**33 multiply-adds takes several times that on a
+# CPU, so bigger ones are not worth running at load (a large model would spend minutes warming up).
+_WARM_UP_MAX_MACS = 1 << 33
+
+
 def warm_up(module: nn.Module, max_rows: int, logits: PackedLinear | None = None, max_logit_rows: int = 0) -> float:
     """Runs each distinct packed layer shape under ``module`` once per row bucket; returns the seconds taken.
 
     Layers that share a shape share oneDNN's kernels, so one of each is enough; ``logits`` (the
-    lm_head, which sees only the rows that sample) is warmed up to ``max_logit_rows``.
+    lm_head, which sees only the rows that sample) is warmed up to ``max_logit_rows``. Buckets
+    whose matmul exceeds _WARM_UP_MAX_MACS are skipped.
     """
     started = time.perf_counter()
     shapes: dict[tuple[int, int, bool], PackedLinear] = {}
@@ -102,5 +108,7 @@ def warm_up(module: nn.Module, max_rows: int, logits: PackedLinear | None = None
         for layer, rows_limit in jobs:
             dtype = layer.packed_weight.dtype
             for rows in row_buckets(rows_limit):
+                if rows * layer.in_features * layer.out_features > _WARM_UP_MAX_MACS:
+                    break  # the matmul itself now dwarfs compiling it: leave these to the first step
                 layer(torch.zeros(rows, layer.in_features, dtype=dtype))
     return time.perf_counter() - started

@@ -63,3 +63,16 @@ def test_warm_up_runs_each_distinct_shape_once_per_bucket(monkeypatch):
     # The two 8 -> 16 layers share one shape, so only the first is run; the logits layer up to 3 rows.
     assert calls == ([(8, 16, rows) for rows in buckets] + [(16, 8, rows) for rows in buckets]
                      + [(8, 32, rows) for rows in (1, 2, 3)])
+
+
+def test_warm_up_leaves_matmuls_too_big_to_be_worth_it_to_the_first_step(monkeypatch):
+    from splitfuse.layers import linear
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)).to(torch.bfloat16)
+    pack_linear_layers(model)
+    calls = []
+    original = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: calls.append(x.shape[0]) or original(self, x))
+    monkeypatch.setattr(linear, "_WARM_UP_MAX_MACS", 8 * 16 * 5)  # up to 5 rows of an 8x16 matmul
+    warm_up(model, max_rows=12)
+    assert calls == [1, 2, 3, 4, 5] * 2
