@@ -14,7 +14,7 @@
 
 #include "bf16.h"
 
-#define PARALLEL_MIN_ELEMENTS 16384  /* below this, threads cost more than they save */
+#define PARALLEL_MIN_ELEMENTS 4096  /* below this, threads cost more than they save */
 
 #define LOAD_BF16(x) bf16_to_f32(x)
 #define STORE_BF16(x) f32_to_bf16(x)
