@@ -120,8 +120,12 @@ _SIGNATURES = {  # name -> argument types (every function returns void or int)
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors: on the CPU, all bf16 or all fp32, rows of unit stride."""
     dtype = tensors[0].dtype
-    return dtype in DTYPE_CODES and all(t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1
-                                        for t in tensors)
+    if dtype not in DTYPE_CODES:
+        return False
+    for tensor in tensors:  # a plain loop: this runs a few dozen times per step
+        if tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.stride(-1) != 1:
+            return False
+    return True
 
 
 class CpuKernels:
