@@ -47,6 +47,20 @@ class AttentionBackend(Protocol):
         ...
 
 
+def strip_padding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The padding part of ``AttentionBackend.forward``'s contract, for every backend.
+
+    Returns key and value cut to the step's ``num_tokens`` rows (what goes into the cache) and an
+    output buffer with query's shape whose padding rows are already zero.
+    """
+    output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if query.shape[0] > num_tokens:
+        key, value = key[:num_tokens], value[:num_tokens]
+        output[num_tokens:] = 0
+    return key, value, output
+
+
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                       head_dim: int, dtype: torch.dtype, device: torch.device
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from splitfuse.attention.backend import BatchLayout
+from splitfuse.attention.backend import BatchLayout, strip_padding
 from splitfuse.attention.torch_native import ChunkPlan, TorchNativeBackend, run_chunks
 from splitfuse.cpu_kernels import DTYPE_CODES, applies, load_cpu_kernels
 
@@ -78,10 +78,7 @@ class CpuPagedBackend:
                 kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CpuPagedMetadata, *,
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        num_tokens = metadata.slot_mapping.shape[0]  # rows past it are the runner's padding
-        padded = query.shape[0] > num_tokens
-        if padded:
-            key, value = key[:num_tokens], value[:num_tokens]
+        key, value, output = strip_padding(query, key, value, metadata.slot_mapping.shape[0])
         if applies(key, value) and key.stride(1) == key.shape[2] and value.stride(1) == value.shape[2]:
             self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
         else:
@@ -89,9 +86,6 @@ class CpuPagedBackend:
             value_cache.index_copy_(0, metadata.slot_mapping, value)
         if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
             query = query.contiguous()
-        output = torch.empty(query.shape, dtype=query.dtype)
-        if padded:
-            output[num_tokens:] = 0
         requests = metadata.kernel_requests
         if len(requests):
             num_heads, head_dim = query.shape[1], query.shape[2]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splitfuse.attention.backend import BatchLayout
+from splitfuse.attention.backend import BatchLayout, strip_padding
 
 
 @dataclass
@@ -119,15 +119,9 @@ class TorchNativeBackend:
                 kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: TorchNativeMetadata, *,
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        num_tokens = metadata.slot_mapping.shape[0]  # rows past it are the runner's padding
-        padded = query.shape[0] > num_tokens
-        if padded:
-            key, value = key[:num_tokens], value[:num_tokens]
+        key, value, output = strip_padding(query, key, value, metadata.slot_mapping.shape[0])
         key_cache.index_copy_(0, metadata.slot_mapping, key)
         value_cache.index_copy_(0, metadata.slot_mapping, value)
-        output = torch.empty_like(query)
-        if padded:
-            output[num_tokens:] = 0
         block_size = metadata.block_size
         for bucket in metadata.decode_buckets:
             rows = slice(bucket.row_start, bucket.row_end)
