@@ -56,11 +56,11 @@ def main() -> None:
 def per_call(engine, steps: int) -> None:
     """Wall time per step of each layer-level call, with a timer around each (adds ~1 us per call)."""
     from splitfuse.cpu_kernels import CpuKernels
-    from splitfuse.layers.linear import PackedLinear
+    from splitfuse.layers.linear import AmxLinear, PackedLinear
 
     totals: collections.Counter[str] = collections.Counter()
     targets = [(CpuKernels, name) for name in ("rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache")]
-    targets += [(PackedLinear, "forward"), (type(engine.runner.backend), "forward"),
+    targets += [(PackedLinear, "forward"), (AmxLinear, "forward"), (type(engine.runner.backend), "forward"),
                 (type(engine.runner.model), "compute_logits"), (type(engine.runner.sampler), "__call__"),
                 (type(engine.runner), "_prepare_inputs"), (type(engine.runner), "execute")]
     for owner, name in targets:

@@ -30,7 +30,7 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 # source -> its own flags. fast-math lets the element-wise loops (exp included) vectorize; the
 # attention kernel relies on -inf comparisons, which fast-math may drop, so it gets none.
-_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"]}
+_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"], "amx_linear.c": []}
 if platform.machine() in ("x86_64", "AMD64"):
     # gcc vectorizes with 256-bit registers by default even where AVX-512 is there; the bf16
     # element-wise loops run about 1.5x faster with 512 (on CPUs without AVX-512 it is a no-op).
@@ -111,6 +111,10 @@ _SIGNATURES = {  # name -> argument types (every function returns void or int)
     "silu_and_mul": [_I32, _PTR, _PTR, _I64, _I32],
     "write_kv_cache": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _I64],
     "argmax_rows": [_I32, _PTR, _PTR, _I64, _I64, _I64],
+    "amx_linear": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
+    "amx_pack_weight": [_PTR, _PTR, _I64, _I64],
+    "amx_packed_elements": [_I64, _I64],
+    "amx_linear_available": [],
     "paged_attention_max_rows": [],
     "paged_attention_max_head_dim": [],
     "paged_attention_max_block_size": [],
@@ -135,8 +139,11 @@ class CpuKernels:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes = argtypes
-            function.restype = _I32 if name.startswith("paged_attention_max") else None
+            function.restype = _I32 if name.startswith(("paged_attention_max", "amx_linear_available")) else None
+        library.amx_packed_elements.restype = _I64
         self.library = library
+        # AMX needs the CPU (the build has it only with -march=native on an AMX CPU) and Linux's permission.
+        self.has_amx = bool(library.amx_linear_available()) and not os.environ.get("SPLITFUSE_DISABLE_AMX")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -168,6 +175,36 @@ class CpuKernels:
         self.library.write_kv_cache(DTYPE_CODES[key.dtype], key_cache.data_ptr(), value_cache.data_ptr(),
                                     key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr(), key.shape[0],
                                     key.shape[1] * key.shape[2], key.stride(0), value.stride(0))
+
+    def amx_takes(self, weight: torch.Tensor) -> bool:
+        """Whether ``amx_linear`` serves this [out, in] weight: AMX here, bf16 on the CPU, in a multiple of 32."""
+        return (self.has_amx and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.dim() == 2 and weight.shape[1] % 32 == 0)
+
+    def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] bf16 -> the tile layout ``amx_linear`` reads (csrc/amx_linear.c), N padded to 32."""
+        weight = weight.contiguous()
+        packed = torch.empty(self.library.amx_packed_elements(*weight.shape), dtype=torch.bfloat16)
+        self.library.amx_pack_weight(packed.data_ptr(), weight.data_ptr(), *weight.shape)
+        return packed
+
+    def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                   out_features: int) -> torch.Tensor:
+        """x [M, K] bf16 (rows may be strided) @ the packed weight^T + bias (fp32, padded to 32) -> [M, N] bf16."""
+        rows, in_features = x.shape
+        # The C loop trusts all of these.
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or in_features % 32:
+            raise ValueError(f"amx_linear takes bf16 rows of unit stride and a multiple of 32 elements, "
+                             f"not {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+        padded = -(-out_features // 32) * 32
+        if packed.numel() != padded * in_features:
+            raise ValueError(f"packed weight of {packed.numel()} elements does not fit {out_features} x {in_features}")
+        if bias is not None and (bias.dtype != torch.float32 or bias.numel() != padded):
+            raise ValueError(f"amx_linear wants an fp32 bias of {padded} elements, not {bias.dtype} {bias.numel()}")
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        self.library.amx_linear(out.data_ptr(), out_features, x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                None if bias is None else bias.data_ptr(), rows, out_features, in_features)
+        return out
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] (rows may be strided) -> int64 [rows], the first index of each row's max."""

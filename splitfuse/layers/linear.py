@@ -1,14 +1,21 @@
-"""Prepacked oneDNN linear layers for bf16 on CPU: weights reordered once at load, not on every call.
+"""Prepacked linear layers for bf16 on CPU: weights reordered once at load, not on every call.
 
-F.linear in bf16 on CPU lets oneDNN reorder the weight into its blocked (AMX) layout on
-each call, which costs as much memory traffic as the matmul itself. Packing once makes
-decode-sized matmuls 1.5-4x faster on this project's machines (docs/benchmarks.md).
+``packed_linear`` picks one of two kinds per weight:
+
+- ``AmxLinear``, where the CPU has AMX and the input size is a multiple of 32: this project's
+  kernel (csrc/amx_linear.c) over a weight packed into AMX tiles. At decode sizes it streams the
+  weight 2-3x faster than oneDNN, and it compiles nothing per row count.
+- ``PackedLinear`` elsewhere: oneDNN with a prepacked weight. F.linear in bf16 on CPU lets oneDNN
+  reorder the weight into its blocked (AMX) layout on each call, which costs as much memory
+  traffic as the matmul itself; packing once makes decode-sized matmuls 1.5-4x faster on this
+  project's machines (docs/benchmarks.md).
+
 Only bf16 on CPU is packed; fp32 gains nothing and keeps the plain path (and exact parity).
 
-oneDNN also compiles a kernel for every new number of rows (1-12 ms the first time; a cache of
+oneDNN compiles a kernel for every new number of rows (1-12 ms the first time; a cache of
 1,024 kernels after that), and a step's row count is its token count, which varies from step
-to step. So a packed model runs at a few row counts only (``padded_rows``: the runner pads the
-batch with dummy tokens), and ``warm_up`` compiles all of them once at load.
+to step. So a model with ``PackedLinear`` layers runs at a few row counts only (``padded_rows``:
+the runner pads the batch with dummy tokens), and ``warm_up`` compiles all of them once at load.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import time
 
 import torch
 from torch import nn
+
+from splitfuse.cpu_kernels import CpuKernels, load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +64,41 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class AmxLinear(nn.Module):
+    """y = x W^T + b with W in the AMX kernel's tile layout (inference only, 2-D bf16 input)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CpuKernels) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.kernels = kernels
+        self.register_buffer("packed_weight", kernels.pack_amx_weight(weight.detach()), persistent=False)
+        padded_bias = None
+        if bias is not None:  # fp32, zero-padded like the weight's columns: the kernel adds it before rounding
+            padded_bias = torch.zeros(self.packed_weight.numel() // self.in_features, dtype=torch.float32)
+            padded_bias[:self.out_features] = bias.detach().float()
+        self.register_buffer("bias", padded_bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.amx_linear(x, self.packed_weight, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> AmxLinear | PackedLinear:
+    """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN."""
+    kernels = load_cpu_kernels()
+    if kernels is not None and kernels.amx_takes(weight):
+        return AmxLinear(weight, bias, kernels)
+    return PackedLinear(weight, bias)
+
+
 def pack_linear_layers(module: nn.Module) -> int:
-    """Replaces every nn.Linear under ``module`` with a PackedLinear; returns how many."""
+    """Replaces every nn.Linear under ``module`` with a prepacked layer (``packed_linear``); returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child.weight, child.bias))
+            setattr(module, name, packed_linear(child.weight, child.bias))
             count += 1
         else:
             count += pack_linear_layers(child)

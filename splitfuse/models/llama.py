@@ -15,7 +15,8 @@ from torch import nn
 
 from splitfuse.attention.backend import AttentionBackend
 from splitfuse.cpu_kernels import applies, load_cpu_kernels
-from splitfuse.layers.linear import PackedLinear, pack_linear_layers, packing_supported, padded_rows, warm_up
+from splitfuse.layers.linear import (AmxLinear, PackedLinear, pack_linear_layers, packed_linear, packing_supported,
+                                     padded_rows, warm_up)
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
 from splitfuse.models.config import ArchConfig
@@ -120,7 +121,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
-        self.packed_logits: PackedLinear | None = None
+        self.packed_logits: AmxLinear | PackedLinear | None = None
+        self.pads_rows = False  # whether forward wants its token count padded to ``padded_rows`` (oneDNN layers)
 
     @staticmethod
     def make_mlp(config: ArchConfig) -> nn.Module:
@@ -140,24 +142,22 @@ class LlamaForCausalLM(nn.Module):
         if not packing_supported(weight.device, weight.dtype):
             return
         lm_weight = weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = PackedLinear(lm_weight, None)
+        self.packed_logits = packed_linear(lm_weight, None)
+        self.lm_head = None  # its weight lives on only in packed_logits (a tied one stays in embed_tokens)
         pack_linear_layers(self.layers)
-
-    @property
-    def pads_rows(self) -> bool:
-        """Whether forward wants its token count padded to ``padded_rows`` (packed oneDNN matmuls)."""
-        return self.packed_logits is not None
+        self.pads_rows = any(isinstance(module, PackedLinear) for module in self.layers.modules())
 
     def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
-        """Compiles the packed matmuls for every padded row count a step can have (see layers/linear.py)."""
-        if self.packed_logits is not None:
-            seconds = warm_up(self.layers, max_tokens, self.packed_logits, max_logit_rows)
+        """Compiles the oneDNN matmuls for every padded row count a step can have (see layers/linear.py)."""
+        logits = self.packed_logits if isinstance(self.packed_logits, PackedLinear) else None
+        if self.pads_rows or logits is not None:
+            seconds = warm_up(self.layers, max_tokens, logits, max_logit_rows)
             logger.info("compiled the packed matmuls for up to %d tokens in %.1f s", max_tokens, seconds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_logits is not None:
             rows = hidden.shape[0]
-            if padded_rows(rows) != rows:
+            if isinstance(self.packed_logits, PackedLinear) and padded_rows(rows) != rows:
                 hidden = torch.cat([hidden, hidden.new_zeros(padded_rows(rows) - rows, hidden.shape[1])])
             return self.packed_logits(hidden)[:rows]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

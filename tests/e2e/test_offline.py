@@ -202,15 +202,17 @@ def test_unknown_architecture_and_missing_files(llama_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "mixtral_ckpt"])
-def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, request):
-    from splitfuse.layers.linear import packing_supported, padded_rows
+def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, request, monkeypatch):
+    from splitfuse.cpu_kernels import CpuKernels
+    from splitfuse.layers.linear import PackedLinear, packing_supported, padded_rows
 
     if not packing_supported(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN bf16 weight packing unavailable")
+    monkeypatch.setattr(CpuKernels, "amx_takes", lambda self, weight: False)  # oneDNN layers, even on AMX CPUs
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
                block_size=4, device="cpu", enable_prefix_caching=False)
     model = bf16.engine.runner.model
-    assert model.pads_rows
+    assert model.pads_rows and isinstance(model.packed_logits, PackedLinear)
     seen_rows = []
     forward = model.forward
 
@@ -229,4 +231,36 @@ def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, reques
     assert_idle(bf16)
     # Same batch, same steps, same padding and kernels: the same tokens again. (bf16 results do depend
     # on a matmul's row count, so a different batch, or prefix-cache hits, may change late tokens.)
+    assert [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)] == first
+
+
+# Linear layers of the tiny 2-layer models: qkv, o, gate_up and down (Mixtral: qkv, o and the router) + lm_head.
+@pytest.mark.parametrize("ckpt_name, num_linears", [("llama_ckpt", 2 * 4 + 1), ("mixtral_ckpt", 2 * 3 + 1)])
+def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exact_row_count(ckpt_name, num_linears,
+                                                                                              request):
+    from splitfuse.cpu_kernels import load_cpu_kernels
+    from splitfuse.layers.linear import AmxLinear, PackedLinear
+
+    kernels = load_cpu_kernels()
+    if kernels is None or not kernels.has_amx:
+        pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
+    bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
+               block_size=4, device="cpu", enable_prefix_caching=False)
+    model = bf16.engine.runner.model
+    kinds = [type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, AmxLinear))]
+    assert kinds == [AmxLinear] * num_linears and not model.pads_rows
+    seen_rows = []
+    forward = model.forward
+
+    def recording_forward(input_ids, positions, kv_caches, attn_metadata):
+        seen_rows.append((input_ids.shape[0], attn_metadata.slot_mapping.shape[0]))
+        return forward(input_ids, positions, kv_caches, attn_metadata)
+
+    model.forward = recording_forward
+    prompts = random_prompts([11, 23, 5], seed=4)
+    first = [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)]
+    # No dummy tokens: the AMX kernel compiles nothing, so every step runs at its real token count.
+    assert seen_rows[0] == (39, 39) and all(rows == tokens for rows, tokens in seen_rows)
+    assert [len(tokens) for tokens in first] == [12, 12, 12]
+    assert_idle(bf16)
     assert [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)] == first

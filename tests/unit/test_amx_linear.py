@@ -1,0 +1,80 @@
+"""The AMX linear kernel (csrc/amx_linear.c) against fp32 math, over every tail it handles: rows not a
+multiple of 16 or 32, more than one 1,024-row block, columns not a multiple of 32, bias, strided rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitfuse.cpu_kernels import load_cpu_kernels
+from splitfuse.layers.linear import AmxLinear, PackedLinear, pack_linear_layers, packed_linear
+
+KERNELS = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(KERNELS is None or not KERNELS.has_amx,
+                                reason="no AMX on this CPU (or no C compiler, or SPLITFUSE_DISABLE_AMX is set)")
+
+
+def expected_linear(x, weight, bias):
+    """fp32 math on the same bf16 inputs, rounded once to bf16 as the kernel rounds."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, bias", [
+    (1, 64, 96, False), (7, 32, 40, True), (16, 64, 32, False), (17, 96, 64, True), (33, 64, 200, True),
+    (40, 512, 1024, False), (1030, 64, 48, True)])
+def test_amx_linear_matches_fp32_math_to_bf16_rounding(rows, in_features, out_features, bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    bias_tensor = torch.randn(out_features, generator=generator).to(torch.bfloat16) if bias else None
+    # A view into wider rows: the kernel takes a row stride.
+    x = torch.randn(rows, in_features + 32, generator=generator).to(torch.bfloat16)[:, 16:16 + in_features]
+    layer = AmxLinear(weight, bias_tensor, KERNELS)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    # fp32 sums in another order may round to the neighbouring bf16 value, never further.
+    torch.testing.assert_close(got.float(), expected_linear(x, weight, bias_tensor).float(), rtol=2 ** -7, atol=1e-3)
+
+
+def test_a_nan_input_row_gives_a_nan_output_row_and_leaves_the_others_alone():
+    weight = torch.randn(64, 32).to(torch.bfloat16)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    got = AmxLinear(weight, None, KERNELS)(x)
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+
+
+def test_packed_weight_is_tiled_for_amx():
+    # Tile (pair, half) holds k-pair p of column 32 pair + 16 half + c at [p, c]: W[column, 2p:2p + 2].
+    weight = torch.arange(40 * 32, dtype=torch.float32).reshape(40, 32).to(torch.bfloat16)
+    packed = KERNELS.pack_amx_weight(weight)
+    assert packed.numel() == 64 * 32  # 40 columns padded to 64
+    tiles = packed.view(2, 2, 16, 16, 2)  # (column pair, half, k-pair, column, k within the pair)
+    assert torch.equal(tiles[0, 0, 3, 5], weight[5, 6:8])
+    assert torch.equal(tiles[0, 1, 15, 0], weight[16, 30:32])
+    assert torch.equal(tiles[1, 0, 0, 7], weight[39, 0:2])
+    assert not tiles[1, 0, :, 8:].any() and not tiles[1, 1].any()  # the padding columns are zero
+
+
+def test_bad_inputs_are_refused_before_the_kernel_runs():
+    layer = AmxLinear(torch.randn(64, 32).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16), KERNELS)
+    with pytest.raises(ValueError, match="bf16 rows of unit stride"):
+        layer(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="bf16 rows of unit stride"):
+        layer(torch.randn(32, 2).to(torch.bfloat16).t())
+    with pytest.raises(ValueError, match="does not fit 64 x 64"):
+        KERNELS.amx_linear(torch.randn(2, 64).to(torch.bfloat16), layer.packed_weight, None, 64)
+    with pytest.raises(ValueError, match="fp32 bias of 64 elements"):
+        KERNELS.amx_linear(torch.randn(2, 32).to(torch.bfloat16), layer.packed_weight, torch.zeros(64).bfloat16(), 64)
+
+
+def test_packed_linear_picks_amx_where_the_kernel_takes_the_weight():
+    assert isinstance(packed_linear(torch.randn(48, 64).to(torch.bfloat16), None), AmxLinear)
+    assert isinstance(packed_linear(torch.randn(48, 40).to(torch.bfloat16), None), PackedLinear)  # 40 % 32 != 0
+    assert not KERNELS.amx_takes(torch.randn(48, 64))  # fp32
+    model = nn.Sequential(nn.Linear(64, 32), nn.Sequential(nn.Linear(32, 8), nn.ReLU()), nn.Linear(8, 4))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    expected = model(x)
+    assert pack_linear_layers(model) == 3
+    assert [type(model[0]), type(model[1][0]), type(model[2])] == [AmxLinear, AmxLinear, PackedLinear]
+    torch.testing.assert_close(model(x).float(), expected.float(), rtol=0.02, atol=0.02)
