@@ -23,7 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)  /* every AMX CPU has AVX512-BF16 */
 #define SPLITFUSE_AMX 1
 #include <immintrin.h>
 #include <omp.h>
@@ -85,26 +85,25 @@ static void configure(int rows0, int rows1) {
     _tile_loadconfig(&config);
 }
 
-/* Rounds fp32 to bf16 to nearest even (NaN stays NaN), like torch's .to(torch.bfloat16). */
-static inline __m256i round_bf16(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+/* 32 fp32 values -> 32 bf16, rounded to nearest even (NaN stays NaN), like torch's .to(torch.bfloat16). */
+static inline __m512i round_bf16(__m512 low, __m512 high) {
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);  /* (fp32 denormals flush to zero, as in AMX's sums) */
 }
 
-/* Writes rows x 32 fp32 results (row stride 32) to y as bf16, adding bias, keeping columns < valid. */
+/* Writes rows x 32 fp32 results (row stride 32) to y as bf16, adding bias (fp32 [32] or NULL), keeping
+ * columns < valid. */
 static void store_rows(uint16_t *y, int64_t y_stride, const float *acc, int rows, const float *bias32, int valid) {
-    const __mmask16 mask0 = valid >= 16 ? 0xffff : (__mmask16)((1u << valid) - 1);
-    const __mmask16 mask1 = valid >= 32 ? 0xffff : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
-    const __m512 bias0 = _mm512_loadu_ps(bias32), bias1 = _mm512_loadu_ps(bias32 + 16);
-    for (int r = 0; r < rows; r++) {
-        __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(acc + r * 32), bias0);
-        __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(acc + r * 32 + 16), bias1);
-        _mm256_mask_storeu_epi16(y + r * y_stride, mask0, round_bf16(v0));
-        _mm256_mask_storeu_epi16(y + r * y_stride + 16, mask1, round_bf16(v1));
+    const __mmask32 mask = valid >= 32 ? 0xffffffffu : (__mmask32)((1u << valid) - 1);
+    if (bias32) {
+        const __m512 bias0 = _mm512_loadu_ps(bias32), bias1 = _mm512_loadu_ps(bias32 + 16);
+        for (int r = 0; r < rows; r++)
+            _mm512_mask_storeu_epi16(y + r * y_stride, mask,
+                                     round_bf16(_mm512_add_ps(_mm512_load_ps(acc + r * 32), bias0),
+                                                _mm512_add_ps(_mm512_load_ps(acc + r * 32 + 16), bias1)));
+    } else {
+        for (int r = 0; r < rows; r++)
+            _mm512_mask_storeu_epi16(y + r * y_stride, mask,
+                                     round_bf16(_mm512_load_ps(acc + r * 32), _mm512_load_ps(acc + r * 32 + 16)));
     }
 }
 
@@ -161,7 +160,6 @@ void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stri
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t start = items * thread / threads, end = items * (thread + 1) / threads;
         float acc[32 * 32] __attribute__((aligned(64)));
-        float zeros[32] = {0};
         int configured0 = -1, configured1 = -1;
         for (int64_t first_group = 0; first_group < all_groups; first_group += groups) {
           for (int64_t item = start; item < end; item++) {
@@ -180,7 +178,7 @@ void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stri
                        acc);
             const int64_t column = pair * 32;
             const int valid = n - column < 32 ? (int)(n - column) : 32;
-            store_rows(y + row0 * y_stride + column, y_stride, acc, rows, bias ? bias + column : zeros, valid);
+            store_rows(y + row0 * y_stride + column, y_stride, acc, rows, bias ? bias + column : NULL, valid);
           }
         }
         if (configured0 >= 0) _tile_release();
