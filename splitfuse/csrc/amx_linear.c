@@ -154,7 +154,8 @@ void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stri
     if (chunk < 1) chunk = 1;
     const int64_t chunks = (pairs + chunk - 1) / chunk;
     const int64_t items = chunks * groups * chunk;  /* (chunk, group, pair in chunk), some pairs past the end */
-    const int parallel = m * n * k >= (1 << 20);
+    /* Even one row is worth two threads from a 64 KB weight on: the weight's streaming is the cost. */
+    const int parallel = n * k >= (1 << 15);
     #pragma omp parallel if (parallel)
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
