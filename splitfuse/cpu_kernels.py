@@ -30,7 +30,7 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 # source -> its own flags. fast-math lets the element-wise loops (exp included) vectorize; the
 # attention kernel relies on -inf comparisons, which fast-math may drop, so it gets none.
-_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"], "amx_linear.c": []}
+_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"], "amx_linear.c": [], "decoder.c": []}
 if platform.machine() in ("x86_64", "AMD64"):
     # gcc vectorizes with 256-bit registers by default even where AVX-512 is there; the bf16
     # element-wise loops run about 1.5x faster with 512 (on CPUs without AVX-512 it is a no-op).

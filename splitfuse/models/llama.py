@@ -19,6 +19,7 @@ from splitfuse.layers.linear import (AmxLinear, PackedLinear, pack_linear_layers
                                      padded_rows, warm_up)
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
+from splitfuse.models.cpu_decoder import CpuDecoder
 from splitfuse.models.config import ArchConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -123,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
                                                                          bias=False)
         self.packed_logits: AmxLinear | PackedLinear | None = None
         self.pads_rows = False  # whether forward wants its token count padded to ``padded_rows`` (oneDNN layers)
+        self.cpu_decoder: CpuDecoder | None = None  # all layers in one C call where it applies (bf16 on AMX)
 
     @staticmethod
     def make_mlp(config: ArchConfig) -> nn.Module:
@@ -132,8 +134,11 @@ class LlamaForCausalLM(nn.Module):
                 attn_metadata: Any) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer.forward(positions, hidden, residual, kv_cache, attn_metadata)
+        if self.cpu_decoder is not None and self.cpu_decoder.takes(positions, kv_caches, attn_metadata):
+            hidden, residual = self.cpu_decoder.run(hidden, positions, kv_caches, attn_metadata)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer.forward(positions, hidden, residual, kv_cache, attn_metadata)
         return self.norm.forward(hidden, residual)[0]
 
     def prepare_for_inference(self) -> None:
@@ -146,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None  # its weight lives on only in packed_logits (a tied one stays in embed_tokens)
         pack_linear_layers(self.layers)
         self.pads_rows = any(isinstance(module, PackedLinear) for module in self.layers.modules())
+        self.cpu_decoder = CpuDecoder.build(self)
 
     def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
         """Compiles the oneDNN matmuls for every padded row count a step can have (see layers/linear.py)."""

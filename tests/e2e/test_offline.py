@@ -264,3 +264,45 @@ def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exa
     assert [len(tokens) for tokens in first] == [12, 12, 12]
     assert_idle(bf16)
     assert [o.outputs[0].token_ids for o in bf16.generate(prompts, GREEDY, use_tqdm=False)] == first
+
+
+# llama: GQA; llama_mha; mistral: a sliding window (8) shorter than the prompts; qwen2: qkv biases.
+@pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "llama_mha_ckpt", "mistral_ckpt", "qwen2_ckpt"])
+def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_name, request):
+    from splitfuse.cpu_kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    if kernels is None or not kernels.has_amx:
+        pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
+    # No prefix caching: the second run must schedule the same steps (a cache hit would move a chunk
+    # from SDPA to the kernel, which rounds differently).
+    llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
+              block_size=4, device="cpu", enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    decoder = model.cpu_decoder
+    assert decoder is not None
+    fused_steps = []
+    run = decoder.run
+    decoder.run = lambda *args: fused_steps.append(args[0].shape[0]) or run(*args)
+    # Short prompts (one kernel-sized chunk each) and a 30-token one (chunks for SDPA, in Python).
+    prompts = random_prompts([11, 30, 5, 9], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+
+    def outputs():
+        results = llm.generate(prompts, params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in results]
+
+    fused = outputs()
+    # The decode steps (and a step whose only chunk is kernel-sized, the 16 tokens) ran fused.
+    assert fused_steps == [16] + [4] * 14 + [3]
+    model.cpu_decoder = None
+    python = outputs()
+    # The same kernels with the same arguments in the same order: equal tokens and equal logprobs.
+    assert fused == python
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("ckpt_name", ["qwen3_ckpt", "mixtral_ckpt"])
+def test_q_k_norms_and_moe_keep_the_python_layers(ckpt_name, request):
+    llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", device="cpu")
+    assert llm.engine.runner.model.cpu_decoder is None

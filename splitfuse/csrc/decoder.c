@@ -1,0 +1,85 @@
+/* All decoder layers of a Llama-family step in one call, for bf16 models on AMX CPUs.
+ *
+ * The Python forward (models/llama.py) calls the same C functions one by one: about ten calls a
+ * layer, each with its checks, tensor allocations and ctypes marshalling, ~1.5 ms of a decode
+ * step in all. Here they run back to back with the same arguments in the same order, so the
+ * results are identical bit for bit (tests/e2e/test_offline.py compares the two). Steps whose
+ * attention needs SDPA (long prompt chunks) and models with q/k norms or MoE keep the Python path.
+ */
+
+#include <stdint.h>
+#include <string.h>
+
+/* The kernels (fused_ops.c, amx_linear.c, paged_attention.c). */
+void rms_norm(int dtype, void *out, void *residual, const void *x, const void *weight, int64_t rows, int hidden,
+              int64_t x_stride, float eps);
+void rotary_embedding(int dtype, void *query, void *key, const int64_t *positions, const float *cos_cache,
+                      const float *sin_cache, int64_t tokens, int num_heads, int num_kv_heads, int head_dim,
+                      int64_t q_stride, int64_t k_stride);
+void silu_and_mul(int dtype, void *out, const void *gate_up, int64_t rows, int intermediate);
+void write_kv_cache(int dtype, void *key_cache, void *value_cache, const void *key, const void *value,
+                    const int64_t *slots, int64_t tokens, int row_size, int64_t key_stride, int64_t value_stride);
+void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
+                const float *bias, int64_t m, int64_t n, int64_t k);
+void paged_attention(int dtype, void *out, const void *query, const void *key_cache, const void *value_cache,
+                     const int64_t *block_tables, int64_t block_table_stride, const int64_t *query_start_loc,
+                     const int64_t *context_lens, const int32_t *requests, int num_requests, int num_heads,
+                     int num_kv_heads, int head_dim, int block_size, float scale, int window, int64_t query_stride);
+
+/* One layer's weights (AMX-packed, biases fp32 padded to 32 or NULL) and KV cache. Mirrored by
+ * models/cpu_decoder.py's ctypes structure: keep the two in step. */
+typedef struct {
+    const uint16_t *input_norm, *post_norm;
+    const uint16_t *qkv, *o, *gate_up, *down;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    uint16_t *key_cache, *value_cache;
+    int64_t window;  /* sliding window, 0 for none */
+} decoder_layer;
+
+/* The step: sizes, attention metadata and scratch buffers (bf16, [tokens, width] each). */
+typedef struct {
+    int64_t tokens, hidden, intermediate;
+    int64_t num_heads, num_kv_heads, head_dim, block_size;
+    float eps, scale;
+    const int64_t *positions;
+    const float *cos, *sin;
+    const int64_t *slot_mapping, *block_tables;
+    int64_t block_table_stride;
+    const int64_t *query_start_loc, *context_lens;
+    const int32_t *requests;
+    int64_t num_requests;
+    uint16_t *normed, *qkv, *attention, *gate_up, *activation;
+} decoder_step;
+
+/* hidden [tokens, hidden]: the embeddings in, the last layer's MLP output out; residual [tokens,
+ * hidden]: the residual stream before it out (the final norm adds the two, as the Python path does). */
+void decoder_layers(const decoder_layer *layers, int num_layers, const decoder_step *s, uint16_t *hidden,
+                    uint16_t *residual) {
+    const int64_t t = s->tokens, h = s->hidden, q_size = s->num_heads * s->head_dim;
+    const int64_t kv_size = s->num_kv_heads * s->head_dim, qkv_size = q_size + 2 * kv_size;
+    uint16_t *query = s->qkv, *key = s->qkv + q_size, *value = s->qkv + q_size + kv_size;
+    for (int i = 0; i < num_layers; i++) {
+        const decoder_layer *l = &layers[i];
+        if (i == 0) {
+            rms_norm(0, s->normed, NULL, hidden, l->input_norm, t, (int)h, h, s->eps);
+            memcpy(residual, hidden, (size_t)(t * h) * sizeof *hidden);
+        } else {
+            rms_norm(0, s->normed, residual, hidden, l->input_norm, t, (int)h, h, s->eps);
+        }
+        amx_linear(s->qkv, qkv_size, s->normed, h, l->qkv, l->qkv_bias, t, qkv_size, h);
+        rotary_embedding(0, query, key, s->positions, s->cos, s->sin, t, (int)s->num_heads, (int)s->num_kv_heads,
+                         (int)s->head_dim, qkv_size, qkv_size);
+        write_kv_cache(0, l->key_cache, l->value_cache, key, value, s->slot_mapping, t, (int)kv_size, qkv_size,
+                       qkv_size);
+        paged_attention(0, s->attention, query, l->key_cache, l->value_cache, s->block_tables, s->block_table_stride,
+                        s->query_start_loc, s->context_lens, s->requests, (int)s->num_requests, (int)s->num_heads,
+                        (int)s->num_kv_heads, (int)s->head_dim, (int)s->block_size, s->scale, (int)l->window,
+                        qkv_size);
+        amx_linear(hidden, h, s->attention, q_size, l->o, l->o_bias, t, h, q_size);
+        rms_norm(0, s->normed, residual, hidden, l->post_norm, t, (int)h, h, s->eps);
+        amx_linear(s->gate_up, 2 * s->intermediate, s->normed, h, l->gate_up, l->gate_up_bias, t, 2 * s->intermediate,
+                   h);
+        silu_and_mul(0, s->activation, s->gate_up, t, (int)s->intermediate);
+        amx_linear(hidden, h, s->activation, s->intermediate, l->down, l->down_bias, t, h, s->intermediate);
+    }
+}
