@@ -30,7 +30,8 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 # source -> its own flags. fast-math lets the element-wise loops (exp included) vectorize; the
 # attention kernel relies on -inf comparisons, which fast-math may drop, so it gets none.
-_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"], "amx_linear.c": [], "decoder.c": []}
+_SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-math"], "amx_linear.c": [],
+            "decoder.c": []}
 if platform.machine() in ("x86_64", "AMD64"):
     # gcc vectorizes with 256-bit registers by default even where AVX-512 is there; the bf16
     # element-wise loops run about 1.5x faster with 512 (on CPUs without AVX-512 it is a no-op).
@@ -112,6 +113,7 @@ _SIGNATURES = {  # name -> argument types (every function returns void or int)
     "write_kv_cache": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _I64],
     "argmax_rows": [_I32, _PTR, _PTR, _I64, _I64, _I64],
     "amx_linear": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
+    "amx_linear_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
     "amx_pack_weight": [_PTR, _PTR, _I64, _I64],
     "amx_packed_elements": [_I64, _I64],
     "amx_linear_available": [],
@@ -189,21 +191,28 @@ class CpuKernels:
         return packed
 
     def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                   out_features: int) -> torch.Tensor:
-        """x [M, K] bf16 (rows may be strided) @ the packed weight^T + bias (fp32, padded to 32) -> [M, N] bf16."""
+                   out_features: int, silu_mul: bool = False) -> torch.Tensor:
+        """x [M, K] bf16 (rows may be strided) @ the packed weight^T + bias (fp32, padded to 32) -> [M, N] bf16.
+
+        With ``silu_mul`` the weight holds gate and up rows in alternating blocks of 16 (``out_features``
+        each) and the result is silu(gate) * up [M, out_features], as a gated MLP's first half.
+        """
         rows, in_features = x.shape
         # The C loop trusts all of these.
         if x.dtype != torch.bfloat16 or x.stride(1) != 1 or in_features % 32:
             raise ValueError(f"amx_linear takes bf16 rows of unit stride and a multiple of 32 elements, "
                              f"not {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
-        padded = -(-out_features // 32) * 32
-        if packed.numel() != padded * in_features:
-            raise ValueError(f"packed weight of {packed.numel()} elements does not fit {out_features} x {in_features}")
+        columns = 2 * out_features if silu_mul else out_features
+        padded = -(-columns // 32) * 32
+        if packed.numel() != padded * in_features or (silu_mul and out_features % 16):
+            raise ValueError(f"packed weight of {packed.numel()} elements does not fit {columns} x {in_features}"
+                             + (" (gate and up in blocks of 16)" if silu_mul else ""))
         if bias is not None and (bias.dtype != torch.float32 or bias.numel() != padded):
             raise ValueError(f"amx_linear wants an fp32 bias of {padded} elements, not {bias.dtype} {bias.numel()}")
         out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-        self.library.amx_linear(out.data_ptr(), out_features, x.data_ptr(), x.stride(0), packed.data_ptr(),
-                                None if bias is None else bias.data_ptr(), rows, out_features, in_features)
+        function = self.library.amx_linear_silu_mul if silu_mul else self.library.amx_linear
+        function(out.data_ptr(), out_features, x.data_ptr(), x.stride(0), packed.data_ptr(),
+                 None if bias is None else bias.data_ptr(), rows, columns, in_features)
         return out
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:

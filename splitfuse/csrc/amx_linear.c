@@ -29,6 +29,8 @@
 #include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "vector_math.h"
 #endif
 
 #define TILE_ELEMENTS 512     /* one B tile: 16 k-pairs x 16 columns x 2 */
@@ -107,6 +109,24 @@ static void store_rows(uint16_t *y, int64_t y_stride, const float *acc, int rows
     }
 }
 
+/* fp32 -> the nearest bf16, as fp32 (what a bf16 op's result holds). */
+static inline __m512 to_bf16_f32(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* The gate_up epilogue: columns 0-15 of acc are 16 gate columns, 16-31 the matching up columns;
+ * y gets silu(gate) * up for the 16, rounding where a bf16 matmul then silu_and_mul would round. */
+static void store_silu_mul_rows(uint16_t *y, int64_t y_stride, const float *acc, int rows, const float *bias32) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+    const __m512 bias0 = bias32 ? _mm512_loadu_ps(bias32) : zero, bias1 = bias32 ? _mm512_loadu_ps(bias32 + 16) : zero;
+    for (int r = 0; r < rows; r++) {
+        __m512 gate = to_bf16_f32(_mm512_add_ps(_mm512_load_ps(acc + r * 32), bias0));
+        __m512 up = to_bf16_f32(_mm512_add_ps(_mm512_load_ps(acc + r * 32 + 16), bias1));
+        __m512 silu = to_bf16_f32(_mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(zero, gate)))));
+        _mm256_storeu_si256((__m256i *)(y + r * y_stride), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+    }
+}
+
 /* One 32-row group (rows1 == 0: one 16-row block) times one column pair, over all of K. */
 static inline void group_pair(const uint16_t *x, int64_t x_stride, const uint16_t *b, int64_t ksteps, int two_blocks,
                               float *acc) {
@@ -144,10 +164,9 @@ static inline void group_pair(const uint16_t *x, int64_t x_stride, const uint16_
 }
 #endif
 
-/* y[m, n] (row stride y_stride) = x[m, k] (row stride x_stride) . W^T + bias (fp32, padded with zeros to a multiple of 32, or NULL). */
-void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
-                const float *bias, int64_t m, int64_t n, int64_t k) {
 #ifdef SPLITFUSE_AMX
+static void linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
+                   const float *bias, int64_t m, int64_t n, int64_t k, int silu_mul) {
     const int64_t ksteps = k / 32, pairs = (n + 31) / 32, all_groups = (m + 31) / 32;
     const int64_t groups = all_groups < BLOCK_GROUPS ? all_groups : BLOCK_GROUPS;
     int64_t chunk = CHUNK_BYTES / (k * 64);  /* column pairs per chunk */
@@ -178,12 +197,37 @@ void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stri
             group_pair(x + row0 * x_stride, x_stride, packed + pair * ksteps * 2 * TILE_ELEMENTS, ksteps, rows1 > 0,
                        acc);
             const int64_t column = pair * 32;
-            const int valid = n - column < 32 ? (int)(n - column) : 32;
-            store_rows(y + row0 * y_stride + column, y_stride, acc, rows, bias ? bias + column : NULL, valid);
+            const float *bias32 = bias ? bias + column : NULL;
+            if (silu_mul) {
+                store_silu_mul_rows(y + row0 * y_stride + pair * 16, y_stride, acc, rows, bias32);
+            } else {
+                const int valid = n - column < 32 ? (int)(n - column) : 32;
+                store_rows(y + row0 * y_stride + column, y_stride, acc, rows, bias32, valid);
+            }
           }
         }
         if (configured0 >= 0) _tile_release();
     }
+}
+#endif
+
+/* y[m, n] (row stride y_stride) = x[m, k] (row stride x_stride) . W^T + bias (fp32, padded with zeros
+ * to a multiple of 32, or NULL). */
+void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
+                const float *bias, int64_t m, int64_t n, int64_t k) {
+#ifdef SPLITFUSE_AMX
+    linear(y, y_stride, x, x_stride, packed, bias, m, n, k, 0);
+#else
+    (void)y; (void)y_stride; (void)x; (void)x_stride; (void)packed; (void)bias; (void)m; (void)n; (void)k;
+#endif
+}
+
+/* A gated MLP's first half: y[m, n / 2] = silu(gate) * up, where x . W^T gives gate and up in
+ * alternating blocks of 16 columns (W's rows packed in that order, n a multiple of 32). */
+void amx_linear_silu_mul(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
+                         const float *bias, int64_t m, int64_t n, int64_t k) {
+#ifdef SPLITFUSE_AMX
+    linear(y, y_stride, x, x_stride, packed, bias, m, n, k, 1);
 #else
     (void)y; (void)y_stride; (void)x; (void)x_stride; (void)packed; (void)bias; (void)m; (void)n; (void)k;
 #endif

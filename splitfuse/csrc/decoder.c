@@ -10,17 +10,19 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The kernels (fused_ops.c, amx_linear.c, paged_attention.c). */
+/* The kernels (fused_ops.c, amx_linear.c, paged_attention.c). The gated MLP's first half is
+ * amx_linear_silu_mul, as AmxLinear(silu_mul=True) runs it in Python. */
 void rms_norm(int dtype, void *out, void *residual, const void *x, const void *weight, int64_t rows, int hidden,
               int64_t x_stride, float eps);
 void rotary_embedding(int dtype, void *query, void *key, const int64_t *positions, const float *cos_cache,
                       const float *sin_cache, int64_t tokens, int num_heads, int num_kv_heads, int head_dim,
                       int64_t q_stride, int64_t k_stride);
-void silu_and_mul(int dtype, void *out, const void *gate_up, int64_t rows, int intermediate);
 void write_kv_cache(int dtype, void *key_cache, void *value_cache, const void *key, const void *value,
                     const int64_t *slots, int64_t tokens, int row_size, int64_t key_stride, int64_t value_stride);
 void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
                 const float *bias, int64_t m, int64_t n, int64_t k);
+void amx_linear_silu_mul(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
+                         const float *bias, int64_t m, int64_t n, int64_t k);
 void paged_attention(int dtype, void *out, const void *query, const void *key_cache, const void *value_cache,
                      const int64_t *block_tables, int64_t block_table_stride, const int64_t *query_start_loc,
                      const int64_t *context_lens, const int32_t *requests, int num_requests, int num_heads,
@@ -48,7 +50,7 @@ typedef struct {
     const int64_t *query_start_loc, *context_lens;
     const int32_t *requests;
     int64_t num_requests;
-    uint16_t *normed, *qkv, *attention, *gate_up, *activation;
+    uint16_t *normed, *qkv, *attention, *activation;
 } decoder_step;
 
 /* hidden [tokens, hidden]: the embeddings in, the last layer's MLP output out; residual [tokens,
@@ -77,9 +79,8 @@ void decoder_layers(const decoder_layer *layers, int num_layers, const decoder_s
                         qkv_size);
         amx_linear(hidden, h, s->attention, q_size, l->o, l->o_bias, t, h, q_size);
         rms_norm(0, s->normed, residual, hidden, l->post_norm, t, (int)h, h, s->eps);
-        amx_linear(s->gate_up, 2 * s->intermediate, s->normed, h, l->gate_up, l->gate_up_bias, t, 2 * s->intermediate,
-                   h);
-        silu_and_mul(0, s->activation, s->gate_up, t, (int)s->intermediate);
+        amx_linear_silu_mul(s->activation, s->intermediate, s->normed, h, l->gate_up, l->gate_up_bias, t,
+                            2 * s->intermediate, h);
         amx_linear(hidden, h, s->activation, s->intermediate, l->down, l->down_bias, t, h, s->intermediate);
     }
 }

@@ -65,40 +65,68 @@ class PackedLinear(nn.Module):
 
 
 class AmxLinear(nn.Module):
-    """y = x W^T + b with W in the AMX kernel's tile layout (inference only, 2-D bf16 input)."""
+    """y = x W^T + b with W in the AMX kernel's tile layout (inference only, 2-D bf16 input).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CpuKernels) -> None:
+    ``silu_mul=True`` makes it a gated MLP's first half: W is gate_up's [gate; up] weight
+    [2I, H], and forward returns silu(x gate^T) * (x up^T) [T, I] straight from the kernel,
+    never writing the [T, 2I] product (the kernel reads gate and up in alternating blocks of 16).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CpuKernels,
+                 silu_mul: bool = False) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.kernels = kernels
+        out_features, self.in_features = weight.shape
+        self.kernels, self.silu_mul = kernels, silu_mul
+        if silu_mul:
+            self.out_features = out_features // 2
+            if out_features % 32:
+                raise ValueError(f"silu_mul wants gate and up sizes in a multiple of 16, not {self.out_features}")
+            order = gate_up_order(self.out_features)
+            weight, bias = weight[order], None if bias is None else bias[order]
+        else:
+            self.out_features = out_features
         self.register_buffer("packed_weight", kernels.pack_amx_weight(weight.detach()), persistent=False)
         padded_bias = None
         if bias is not None:  # fp32, zero-padded like the weight's columns: the kernel adds it before rounding
             padded_bias = torch.zeros(self.packed_weight.numel() // self.in_features, dtype=torch.float32)
-            padded_bias[:self.out_features] = bias.detach().float()
+            padded_bias[:out_features] = bias.detach().float()
         self.register_buffer("bias", padded_bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.amx_linear(x, self.packed_weight, self.bias, self.out_features)
+        return self.kernels.amx_linear(x, self.packed_weight, self.bias, self.out_features, self.silu_mul)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (", silu_mul=True" if self.silu_mul else ""))
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> AmxLinear | PackedLinear:
-    """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN."""
+def gate_up_order(intermediate: int) -> torch.Tensor:
+    """Row order of a [gate; up] weight in alternating blocks of 16: gate 0-15, up 0-15, gate 16-31, ..."""
+    blocks = torch.arange(intermediate).view(-1, 16)
+    return torch.stack([blocks, blocks + intermediate], dim=1).reshape(-1)
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, gate_up: bool = False) -> AmxLinear | PackedLinear:
+    """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN.
+
+    ``gate_up``: the weight is a gated MLP's [gate; up]; on AMX (with gate and up sizes a multiple of
+    16) the layer then returns silu(gate) * up itself (``AmxLinear.silu_mul``).
+    """
     kernels = load_cpu_kernels()
     if kernels is not None and kernels.amx_takes(weight):
-        return AmxLinear(weight, bias, kernels)
+        return AmxLinear(weight, bias, kernels, silu_mul=gate_up and weight.shape[0] % 32 == 0)
     return PackedLinear(weight, bias)
 
 
 def pack_linear_layers(module: nn.Module) -> int:
-    """Replaces every nn.Linear under ``module`` with a prepacked layer (``packed_linear``); returns how many."""
+    """Replaces every nn.Linear under ``module`` with a prepacked layer (``packed_linear``); returns how many.
+
+    A layer named ``gate_up_proj`` (``GatedMLP``'s [gate; up]) is packed with ``gate_up=True``.
+    """
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, packed_linear(child.weight, child.bias))
+            setattr(module, name, packed_linear(child.weight, child.bias, gate_up=name == "gate_up_proj"))
             count += 1
         else:
             count += pack_linear_layers(child)

@@ -33,7 +33,7 @@ class _Step(ctypes.Structure):  # csrc/decoder.c's decoder_step
                 ("scale", ctypes.c_float), ("positions", _P), ("cos", _P), ("sin", _P), ("slot_mapping", _P),
                 ("block_tables", _P), ("block_table_stride", _I64), ("query_start_loc", _P),
                 ("context_lens", _P), ("requests", _P), ("num_requests", _I64), ("normed", _P), ("qkv", _P),
-                ("attention", _P), ("gate_up", _P), ("activation", _P)]
+                ("attention", _P), ("activation", _P)]
 
 
 def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
@@ -71,7 +71,7 @@ class CpuDecoder:
                 return None
             linears = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms = [layer.input_layernorm, layer.post_attention_layernorm]
-            if (not all(isinstance(linear, AmxLinear) for linear in linears)
+            if (not all(isinstance(linear, AmxLinear) for linear in linears) or not mlp.gate_up_proj.silu_mul
                     or any(norm.weight.dtype != torch.bfloat16 or norm.eps != constants[0] for norm in norms)
                     or (attn.scale, attn.rotary) != constants[1:] or attn.rotary.cos.dtype != torch.float32):
                 return None
@@ -113,9 +113,8 @@ class CpuDecoder:
         hidden = hidden.contiguous()
         residual = torch.empty_like(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        scratch = [torch.empty(tokens, columns, dtype=hidden.dtype)  # normed, qkv, attention, gate_up, activation
-                   for columns in (self.hidden_size, q_size + 2 * kv_size, q_size, 2 * self.intermediate_size,
-                                   self.intermediate_size)]
+        scratch = [torch.empty(tokens, columns, dtype=hidden.dtype)  # normed, qkv, attention, activation
+                   for columns in (self.hidden_size, q_size + 2 * kv_size, q_size, self.intermediate_size)]
         block_tables, query_start_loc, context_lens, requests = metadata.pointers
         step = _Step(tokens, self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
                      self.head_dim, metadata.block_size, self.eps, self.scale, positions.data_ptr(),

@@ -71,6 +71,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.forward(x)
+        if isinstance(self.gate_up_proj, AmxLinear) and self.gate_up_proj.silu_mul:
+            return self.down_proj.forward(gate_up)  # the kernel has applied silu(gate) * up already
         kernels = load_cpu_kernels() if applies(gate_up) and gate_up.is_contiguous() else None
         if kernels is not None:
             return self.down_proj.forward(kernels.silu_and_mul(gate_up))

@@ -78,3 +78,40 @@ def test_packed_linear_picks_amx_where_the_kernel_takes_the_weight():
     assert pack_linear_layers(model) == 3
     assert [type(model[0]), type(model[1][0]), type(model[2])] == [AmxLinear, AmxLinear, PackedLinear]
     torch.testing.assert_close(model(x).float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("rows, intermediate, bias", [(1, 16, False), (5, 48, True), (40, 128, False), (1030, 32, True)])
+def test_silu_mul_layer_gives_silu_of_gate_times_up_as_the_unfused_bf16_ops_round(rows, intermediate, bias):
+    generator = torch.Generator().manual_seed(intermediate)
+    weight = torch.randn(2 * intermediate, 64, generator=generator).to(torch.bfloat16)  # [gate; up]
+    bias_tensor = torch.randn(2 * intermediate, generator=generator).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+    layer = AmxLinear(weight, bias_tensor, KERNELS, silu_mul=True)
+    got = layer(x)
+    assert got.shape == (rows, intermediate) and layer.out_features == intermediate
+    gate, up = expected_linear(x, weight, bias_tensor).split(intermediate, dim=-1)  # each rounded to bf16
+    expected = (F.silu(gate.float()).to(torch.bfloat16).float() * up.float()).to(torch.bfloat16)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -6, atol=1e-3)
+    # Extreme gates: silu(100) * 100 is 10,000 (9,984 in bf16), silu(-100) * -100 is ~4e-40; no NaN.
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    x[0, 0], x[1, 0] = 100.0, -100.0
+    unit = torch.zeros(2 * intermediate, 64, dtype=torch.bfloat16)
+    unit[:intermediate, 0] = 1.0   # gate = x[:, 0]
+    unit[intermediate:, 0] = 1.0   # up = x[:, 0]
+    extreme = AmxLinear(unit, None, KERNELS, silu_mul=True)(x).float()
+    assert torch.equal(extreme[0], torch.full((intermediate,), 9984.0)) and extreme[1].abs().max() < 1e-30
+
+
+def test_gate_up_rows_go_in_alternating_blocks_of_16():
+    from splitfuse.layers.linear import gate_up_order
+
+    assert gate_up_order(32).tolist() == [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
+    with pytest.raises(ValueError, match="multiple of 16, not 24"):
+        AmxLinear(torch.zeros(48, 32, dtype=torch.bfloat16), None, KERNELS, silu_mul=True)
+    # Only gate_up_proj layers are fused, and only where the sizes allow it.
+    mlp = nn.Module()
+    mlp.gate_up_proj, mlp.down_proj = nn.Linear(64, 64), nn.Linear(32, 64)
+    mlp.to(torch.bfloat16)
+    pack_linear_layers(mlp)
+    assert mlp.gate_up_proj.silu_mul and not mlp.down_proj.silu_mul
+    assert not packed_linear(torch.zeros(48, 32, dtype=torch.bfloat16), None, gate_up=True).silu_mul
