@@ -7,7 +7,8 @@
  * (AMX's "VNNI" layout: W[n, 2p] and W[n, 2p + 1] side by side), two column blocks of 16 at a
  * time, k-step after k-step, so the tiles a column pair needs lie one after the other in memory:
  *
- *     packed[((pair * K / 32 + kstep) * 2 + half) * 512 + p * 32 + c * 2 + j] = W[32 pair + 16 half + c, 32 kstep + 2 p + j]
+ *     packed[((pair * K / 32 + kstep) * 2 + half) * 512 + p * 32 + c * 2 + j]
+ *         = W[32 pair + 16 half + c, 32 kstep + 2 p + j]
  *
  * with N padded with zero columns to a multiple of 32; K must be a multiple of 32.
  *
@@ -164,9 +165,9 @@ static inline void group_pair(const uint16_t *x, int64_t x_stride, const uint16_
 }
 #endif
 
-#ifdef SPLITFUSE_AMX
 static void linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
                    const float *bias, int64_t m, int64_t n, int64_t k, int silu_mul) {
+#ifdef SPLITFUSE_AMX
     const int64_t ksteps = k / 32, pairs = (n + 31) / 32, all_groups = (m + 31) / 32;
     const int64_t groups = all_groups < BLOCK_GROUPS ? all_groups : BLOCK_GROUPS;
     int64_t chunk = CHUNK_BYTES / (k * 64);  /* column pairs per chunk */
@@ -208,27 +209,22 @@ static void linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_s
         }
         if (configured0 >= 0) _tile_release();
     }
-}
+#else  /* amx_linear_available() said no: never called */
+    (void)y; (void)y_stride; (void)x; (void)x_stride; (void)packed; (void)bias; (void)m; (void)n; (void)k;
+    (void)silu_mul;
 #endif
+}
 
 /* y[m, n] (row stride y_stride) = x[m, k] (row stride x_stride) . W^T + bias (fp32, padded with zeros
  * to a multiple of 32, or NULL). */
 void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
                 const float *bias, int64_t m, int64_t n, int64_t k) {
-#ifdef SPLITFUSE_AMX
     linear(y, y_stride, x, x_stride, packed, bias, m, n, k, 0);
-#else
-    (void)y; (void)y_stride; (void)x; (void)x_stride; (void)packed; (void)bias; (void)m; (void)n; (void)k;
-#endif
 }
 
 /* A gated MLP's first half: y[m, n / 2] = silu(gate) * up, where x . W^T gives gate and up in
  * alternating blocks of 16 columns (W's rows packed in that order, n a multiple of 32). */
 void amx_linear_silu_mul(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
                          const float *bias, int64_t m, int64_t n, int64_t k) {
-#ifdef SPLITFUSE_AMX
     linear(y, y_stride, x, x_stride, packed, bias, m, n, k, 1);
-#else
-    (void)y; (void)y_stride; (void)x; (void)x_stride; (void)packed; (void)bias; (void)m; (void)n; (void)k;
-#endif
 }

@@ -67,7 +67,8 @@ class CpuDecoder:
         constants = (first.input_layernorm.eps, first.self_attn.scale, first.self_attn.rotary)
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if not isinstance(mlp, GatedMLP) or attn.q_norm is not None or not isinstance(attn.backend, CpuPagedBackend):
+            if (not isinstance(mlp, GatedMLP) or attn.q_norm is not None
+                    or not isinstance(attn.backend, CpuPagedBackend)):
                 return None
             linears = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms = [layer.input_layernorm, layer.post_attention_layernorm]

@@ -19,8 +19,8 @@ from splitfuse.layers.linear import (AmxLinear, PackedLinear, pack_linear_layers
                                      padded_rows, warm_up)
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
-from splitfuse.models.cpu_decoder import CpuDecoder
 from splitfuse.models.config import ArchConfig
+from splitfuse.models.cpu_decoder import CpuDecoder
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)

@@ -23,6 +23,14 @@ def llm(llama_ckpt):
     return LLM(model=llama_ckpt, dtype="float32", max_num_batched_tokens=32, block_size=4)
 
 
+def skip_without_amx():
+    from splitfuse.cpu_kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    if kernels is None or not kernels.has_amx:
+        pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
+
+
 def assert_idle(llm):
     stats = llm.engine.get_stats()
     assert (stats.num_running, stats.num_waiting) == (0, 0)
@@ -238,12 +246,9 @@ def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, reques
 @pytest.mark.parametrize("ckpt_name, num_linears", [("llama_ckpt", 2 * 4 + 1), ("mixtral_ckpt", 2 * 3 + 1)])
 def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exact_row_count(ckpt_name, num_linears,
                                                                                               request):
-    from splitfuse.cpu_kernels import load_cpu_kernels
     from splitfuse.layers.linear import AmxLinear, PackedLinear
 
-    kernels = load_cpu_kernels()
-    if kernels is None or not kernels.has_amx:
-        pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
+    skip_without_amx()
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
                block_size=4, device="cpu", enable_prefix_caching=False)
     model = bf16.engine.runner.model
@@ -269,11 +274,7 @@ def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exa
 # llama: GQA; llama_mha; mistral: a sliding window (8) shorter than the prompts; qwen2: qkv biases.
 @pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "llama_mha_ckpt", "mistral_ckpt", "qwen2_ckpt"])
 def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_name, request):
-    from splitfuse.cpu_kernels import load_cpu_kernels
-
-    kernels = load_cpu_kernels()
-    if kernels is None or not kernels.has_amx:
-        pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
+    skip_without_amx()
     # No prefix caching: the second run must schedule the same steps (a cache hit would move a chunk
     # from SDPA to the kernel, which rounds differently).
     llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,

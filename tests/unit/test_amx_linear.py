@@ -80,7 +80,8 @@ def test_packed_linear_picks_amx_where_the_kernel_takes_the_weight():
     torch.testing.assert_close(model(x).float(), expected.float(), rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("rows, intermediate, bias", [(1, 16, False), (5, 48, True), (40, 128, False), (1030, 32, True)])
+@pytest.mark.parametrize("rows, intermediate, bias",
+                         [(1, 16, False), (5, 48, True), (40, 128, False), (1030, 32, True)])
 def test_silu_mul_layer_gives_silu_of_gate_times_up_as_the_unfused_bf16_ops_round(rows, intermediate, bias):
     generator = torch.Generator().manual_seed(intermediate)
     weight = torch.randn(2 * intermediate, 64, generator=generator).to(torch.bfloat16)  # [gate; up]

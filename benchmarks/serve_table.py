@@ -1,0 +1,56 @@
+"""Markdown tables of a run_serve_all.sh directory: splitfuse against vLLM, one table per run.
+
+    python benchmarks/serve_table.py benchmarks/results/<run>/serve
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import sys
+
+RUNS = {"fixed": "clients (128 / 128)", "mixed": "clients (mixed)", "poisson": "rate req/s (mixed)"}
+
+
+def _load(directory: str, server: str, run: str) -> dict | None:
+    paths = sorted(glob.glob(os.path.join(directory, f"{server}-{run}-*.json*")))
+    if not paths:
+        return None
+    opener = gzip.open if paths[-1].endswith(".gz") else open
+    with opener(paths[-1], "rt") as f:
+        return {point["sweep_value"]: point["metrics"] for point in json.load(f)["points"]}
+
+
+def _ms(metrics: dict, name: str) -> str:
+    return f"{metrics[name]['p50'] * 1e3:.1f} / {metrics[name]['p99'] * 1e3:.1f}"
+
+
+def table(directory: str, run: str) -> str:
+    ours, theirs = _load(directory, "splitfuse", run), _load(directory, "vllm", run)
+    if ours is None or theirs is None:
+        return ""
+    lines = [f"| {RUNS[run]} | splitfuse out tok/s | vLLM out tok/s | ratio | TTFT p50 / p99 ms (splitfuse) "
+             "| TTFT p50 / p99 ms (vLLM) | TBT p50 / p99 ms (splitfuse) | TBT p50 / p99 ms (vLLM) "
+             "| effective req/s at r = 4 tok/s (splitfuse / vLLM) |", "|---" * 9 + "|"]
+    for value in sorted(set(ours) & set(theirs)):
+        a, b = ours[value], theirs[value]
+        lines.append(f"| {value:g} | {a['output_tokens_per_s']:,.1f} | {b['output_tokens_per_s']:,.1f} "
+                     f"| {a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x | {_ms(a, 'ttft_s')} "
+                     f"| {_ms(b, 'ttft_s')} | {_ms(a, 'tbt_s')} | {_ms(b, 'tbt_s')} "
+                     f"| {a['effective_throughput']['4']['requests_per_s']:.2f} / "
+                     f"{b['effective_throughput']['4']['requests_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    directory = sys.argv[1]
+    for run in RUNS:
+        text = table(directory, run)
+        if text:
+            print(f"{run}:\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
