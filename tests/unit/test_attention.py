@@ -89,6 +89,34 @@ def test_paged_attention_matches_dense_reference(window):
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window, sdpa_calls", [(None, 4), (50, 4), (6, 6)])
+def test_back_to_back_fresh_chunks_of_one_length_share_one_sdpa_call(window, sdpa_calls, monkeypatch):
+    from splitfuse.attention import torch_native
+
+    # Three fresh 20-token prompts (one call), a 30-token one, a chunk over a cached context, and a
+    # fresh 20-token prompt not adjacent to the first three. A window shorter than the prompts needs
+    # a mask per chunk, and those go one by one.
+    requests = [(0, 20), (0, 20), (0, 20), (0, 30), (5, 20), (0, 20)]
+    layout, (query, key, value, kv_cache), expected = build_case(requests, window)
+    chunks = TorchNativeBackend(torch.device("cpu")).plan(layout, (window,)).chunks
+    assert len(chunks) == 6
+    calls = []
+    sdpa = torch_native._sdpa
+    monkeypatch.setattr(torch_native, "_sdpa", lambda q, *args: calls.append(q.shape[0]) or sdpa(q, *args))
+    kv_cache[0].index_copy_(0, layout.slot_mapping, key)
+    kv_cache[1].index_copy_(0, layout.slot_mapping, value)
+    output = torch.zeros_like(query)
+    torch_native.run_chunks(chunks, output, query, key, value, kv_cache, BLOCK_SIZE, scale=HEAD_DIM ** -0.5,
+                            sliding_window=window)
+    assert len(calls) == sdpa_calls and (calls[0] == 3) == (window != 6)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    one_by_one = torch.zeros_like(query)
+    for chunk in chunks:
+        torch_native.run_chunks([chunk], one_by_one, query, key, value, kv_cache, BLOCK_SIZE,
+                                scale=HEAD_DIM ** -0.5, sliding_window=window)
+    assert torch.equal(output, one_by_one)  # batching changes nothing, bit for bit
+
+
 needs_cpu_kernel = pytest.mark.skipif(load_cpu_kernels() is None, reason="no C compiler for the CPU kernel")
 # Decodes and chunks of up to 16 tokens go to the kernel (the 12-token chunk is two work items of
 # 8 tokens x 4 heads); a fresh prompt of 70 tokens and a continuing chunk of 40 go to SDPA.
