@@ -57,10 +57,13 @@ def per_call(engine, steps: int) -> None:
     """Wall time per step of each layer-level call, with a timer around each (adds ~1 us per call)."""
     from splitfuse.cpu_kernels import CpuKernels
     from splitfuse.layers.linear import AmxLinear, PackedLinear
+    from splitfuse.models.cpu_decoder import CpuDecoder
 
     totals: collections.Counter[str] = collections.Counter()
     targets = [(CpuKernels, name) for name in ("rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache")]
-    targets += [(PackedLinear, "forward"), (AmxLinear, "forward"), (type(engine.runner.backend), "forward"),
+    # CpuDecoder.run: all decoder layers of a step in one C call, where it applies (bf16 on AMX CPUs).
+    targets += [(PackedLinear, "forward"), (AmxLinear, "forward"), (CpuDecoder, "run"),
+                (type(engine.runner.backend), "forward"),
                 (type(engine.runner.model), "compute_logits"), (type(engine.runner.sampler), "__call__"),
                 (type(engine.runner), "_prepare_inputs"), (type(engine.runner), "execute")]
     for owner, name in targets:

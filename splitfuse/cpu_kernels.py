@@ -115,12 +115,16 @@ _SIGNATURES = {  # name -> argument types (every function returns void or int)
     "amx_linear": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
     "amx_linear_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
     "amx_pack_weight": [_PTR, _PTR, _I64, _I64],
-    "amx_packed_elements": [_I64, _I64],
     "amx_linear_available": [],
     "paged_attention_max_rows": [],
     "paged_attention_max_head_dim": [],
     "paged_attention_max_block_size": [],
 }
+
+
+def amx_packed_columns(out_features: int) -> int:
+    """Columns of an AMX-packed weight (csrc/amx_linear.c): out_features padded with zeros to a multiple of 32."""
+    return -(-out_features // 32) * 32
 
 
 def applies(*tensors: torch.Tensor) -> bool:
@@ -142,7 +146,6 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = _I32 if name.startswith(("paged_attention_max", "amx_linear_available")) else None
-        library.amx_packed_elements.restype = _I64
         self.library = library
         # AMX needs the CPU (the build has it only with -march=native on an AMX CPU) and Linux's permission.
         self.has_amx = bool(library.amx_linear_available()) and not os.environ.get("SPLITFUSE_DISABLE_AMX")
@@ -186,7 +189,7 @@ class CpuKernels:
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """weight [N, K] bf16 -> the tile layout ``amx_linear`` reads (csrc/amx_linear.c), N padded to 32."""
         weight = weight.contiguous()
-        packed = torch.empty(self.library.amx_packed_elements(*weight.shape), dtype=torch.bfloat16)
+        packed = torch.empty(amx_packed_columns(weight.shape[0]) * weight.shape[1], dtype=torch.bfloat16)
         self.library.amx_pack_weight(packed.data_ptr(), weight.data_ptr(), *weight.shape)
         return packed
 
@@ -203,7 +206,7 @@ class CpuKernels:
             raise ValueError(f"amx_linear takes bf16 rows of unit stride and a multiple of 32 elements, "
                              f"not {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
         columns = 2 * out_features if silu_mul else out_features
-        padded = -(-columns // 32) * 32
+        padded = amx_packed_columns(columns)
         if packed.numel() != padded * in_features or (silu_mul and out_features % 16):
             raise ValueError(f"packed weight of {packed.numel()} elements does not fit {columns} x {in_features}"
                              + (" (gate and up in blocks of 16)" if silu_mul else ""))

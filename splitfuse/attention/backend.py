@@ -61,6 +61,13 @@ def strip_padding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n
     return key, value, output
 
 
+def write_kv_cache(kv_cache: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """key_cache[slot_mapping[t]] = key[t] and the same for value, with torch ops (any device, any dtype)."""
+    kv_cache[0].index_copy_(0, slot_mapping, key)
+    kv_cache[1].index_copy_(0, slot_mapping, value)
+
+
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                       head_dim: int, dtype: torch.dtype, device: torch.device
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:

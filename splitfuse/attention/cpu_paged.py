@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from splitfuse.attention.backend import BatchLayout, strip_padding
+from splitfuse.attention.backend import BatchLayout, strip_padding, write_kv_cache
 from splitfuse.attention.torch_native import ChunkPlan, TorchNativeBackend, run_chunks
 from splitfuse.cpu_kernels import DTYPE_CODES, applies, load_cpu_kernels
 
@@ -82,8 +82,7 @@ class CpuPagedBackend:
         if applies(key, value) and key.stride(1) == key.shape[2] and value.stride(1) == value.shape[2]:
             self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
         else:
-            key_cache.index_copy_(0, metadata.slot_mapping, key)
-            value_cache.index_copy_(0, metadata.slot_mapping, value)
+            write_kv_cache(kv_cache, key, value, metadata.slot_mapping)
         if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
             query = query.contiguous()
         requests = metadata.kernel_requests

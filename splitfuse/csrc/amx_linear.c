@@ -48,8 +48,7 @@ int amx_linear_available(void) {
 #endif
 }
 
-/* packed must hold amx_packed_elements(N, K) elements. */
-int64_t amx_packed_elements(int64_t n, int64_t k) { return (n + 31) / 32 * 32 * k; }
+/* packed holds (n rounded up to 32) * k elements (cpu_kernels.py's amx_packed_columns). */
 
 void amx_pack_weight(uint16_t *restrict packed, const uint16_t *restrict weight, int64_t n, int64_t k) {
     const int64_t ksteps = k / 32, pairs = (n + 31) / 32;
