@@ -116,6 +116,7 @@ _SIGNATURES = {  # name -> argument types (every function returns void or int)
     "amx_linear_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
     "amx_pack_weight": [_PTR, _PTR, _I64, _I64],
     "amx_linear_available": [],
+    "decoder_layers": [_PTR, _I32, _PTR, _PTR, _PTR],
     "paged_attention_max_rows": [],
     "paged_attention_max_head_dim": [],
     "paged_attention_max_block_size": [],

@@ -49,9 +49,7 @@ class CpuDecoder:
         self.intermediate_size = first.mlp.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.eps, self.scale, self.rotary = first.input_layernorm.eps, attn.scale, attn.rotary
-        self._function = library.decoder_layers
-        self._function.argtypes = [_P, ctypes.c_int, _P, _P, _P]
-        self._function.restype = None
+        self._function = library.decoder_layers  # (its argument types are set in cpu_kernels._SIGNATURES)
         self._structs: Optional[ctypes.Array] = None
         self._kv_pointers: list[tuple[int, int]] = []
 
