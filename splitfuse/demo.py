@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from splitfuse.checkpoint_factory import train_tokenizer, write_checkpoint
+from splitfuse.models.sources import default_cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ DEMO_MODEL_CONFIG = types.MappingProxyType({
 def demo_hf_config() -> transformers.LlamaConfig:
     """A fresh LlamaConfig of the demo model (callers may mutate their copy)."""
     return transformers.LlamaConfig(**DEMO_MODEL_CONFIG)
-
-
-def default_cache_root() -> str:
-    return os.environ.get("SPLITFUSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "splitfuse")
 
 
 def _is_complete(path: str) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
+
 import torch
 
 
@@ -71,10 +73,21 @@ def write_kv_cache(kv_cache: tuple[torch.Tensor, torch.Tensor], key: torch.Tenso
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                       head_dim: int, dtype: torch.dtype, device: torch.device
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (key, value) pair per layer, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    """One (key, value) pair per layer, each [num_blocks * block_size, num_kv_heads, head_dim], all zeros.
+
+    On the CPU the pool is one anonymous memory map: the kernel hands out zeroed pages on first touch, so
+    a large pool costs nothing at start-up (torch.zeros writes every page: seconds for a few GiB) and only
+    the blocks in use take memory."""
     shape = (num_blocks * block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)]
+    if device.type != "cpu":
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(num_layers)]
+    element_size = torch.empty((), dtype=dtype).element_size()
+    tensor_bytes = shape[0] * num_kv_heads * head_dim * element_size
+    pool = mmap.mmap(-1, 2 * num_layers * tensor_bytes)
+    flat = torch.frombuffer(pool, dtype=dtype)  # holds a reference to the map: it lives as long as the views
+    tensors = flat.view(num_layers, 2, *shape)
+    return [(tensors[layer, 0], tensors[layer, 1]) for layer in range(num_layers)]
 
 
 def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

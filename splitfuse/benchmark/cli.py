@@ -44,7 +44,8 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
 
     offline = commands.add_parser("offline", help="throughput of LLM.generate, in-process")
     _add_workload_args(offline)
-    offline.add_argument("--model", default=None, help="model directory (default: the demo model)")
+    offline.add_argument("--model", default="", help="checkpoint directory, .gguf file or built-in name "
+                         "(default: smollm2-135m-instruct)")
     offline.add_argument("--dtype", default=None)
     offline.add_argument("--max-num-batched-tokens", type=int, default=None)
     offline.add_argument("--max-num-seqs", type=int, default=None)
@@ -187,13 +188,14 @@ def _load_tokenizer(path: str) -> Any:
 
 def run_offline_command(args: argparse.Namespace) -> int:
     from splitfuse.benchmark.offline import OfflineConfig, run_offline
+    from splitfuse.models.sources import DEFAULT_MODEL_NAME
     from splitfuse.benchmark.report import build_report, print_table, result_stem, save_report
 
     workload = workload_from_args(args)
     config = OfflineConfig(model=args.model, dtype=args.dtype,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     point = run_offline(config, build_sessions(workload))
-    label = args.label or Path(config.model or "demo").name
+    label = args.label or Path(config.model or DEFAULT_MODEL_NAME).name
     report = build_report("offline", label, {"workload": workload.to_dict(), "engine": asdict(config)},
                           server=None, points=[point], command=_command_line(args))
     path = save_report(report, Path(args.output_dir) / f"{result_stem(label, 'offline')}.json")

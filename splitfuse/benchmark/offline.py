@@ -14,7 +14,7 @@ from splitfuse.benchmark.workloads import Session, flatten
 class OfflineConfig:
     """Engine settings for an offline run; None leaves the engine's own default."""
 
-    model: Optional[str] = None  # None: the demo model
+    model: str = ""  # "": the default model (splitfuse.models.sources)
     dtype: Optional[str] = None
     max_num_batched_tokens: Optional[int] = None
     max_num_seqs: Optional[int] = None
@@ -23,18 +23,6 @@ class OfflineConfig:
         knobs = {"dtype": self.dtype, "max_num_batched_tokens": self.max_num_batched_tokens,
                  "max_num_seqs": self.max_num_seqs}
         return {name: value for name, value in knobs.items() if value is not None}
-
-
-def default_model_path() -> str:
-    """The demo model's directory (``splitfuse.demo.demo_model_path``, a path or a function).
-
-    "" when that module is missing: ``LLM(model="")`` then picks its built-in demo checkpoint.
-    """
-    try:
-        from splitfuse.demo import demo_model_path
-    except ImportError:
-        return ""
-    return str(demo_model_path() if callable(demo_model_path) else demo_model_path)
 
 
 def run_offline(config: OfflineConfig, sessions: Sequence[Session]) -> dict[str, Any]:
@@ -47,7 +35,7 @@ def run_offline(config: OfflineConfig, sessions: Sequence[Session]) -> dict[str,
     from splitfuse.sampling_params import SamplingParams
 
     specs = flatten(sessions)
-    llm = LLM(model=config.model or default_model_path(), **config.engine_kwargs())
+    llm = LLM(model=config.model, **config.engine_kwargs())
     prompts = [list(spec.prompt_token_ids) for spec in specs]
     params = [SamplingParams(max_tokens=spec.max_tokens, min_tokens=spec.max_tokens,
                              ignore_eos=True, temperature=0.0) for spec in specs]

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from splitfuse.attention.backend import kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig
 from splitfuse.models.config import ArchConfig
+from splitfuse.models.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,7 @@ class EngineSetup:
 
 
 def resolve_setup(config: EngineConfig) -> EngineSetup:
-    model_path = config.model.model
-    if not model_path:
-        from splitfuse.demo import demo_model_path
-        model_path = demo_model_path()
+    model_path = resolve_model(config.model.model, config.model.dtype).path
     arch = ArchConfig.from_dir(model_path)
     tokenizer = load_tokenizer(config.model.tokenizer or model_path)
     dtype = _resolve_dtype(config.model.dtype, arch)

@@ -1,4 +1,4 @@
-"""The `splitfuse` command: serve, generate, bench."""
+"""The `splitfuse` command: serve, generate, chat, convert, bench."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Optional, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from splitfuse.benchmark.cli import add_bench_parser
+    from splitfuse.entrypoints.convert import add_convert_parser
     from splitfuse.entrypoints.openai.cli_args import add_generate_parser, add_serve_parser
 
     parser = argparse.ArgumentParser(prog="splitfuse", description="LLM serving engine.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
     add_generate_parser(subparsers)
+    add_convert_parser(subparsers)
     add_bench_parser(subparsers)
     return parser
 

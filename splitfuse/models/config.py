@@ -16,6 +16,10 @@ ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
 }
 
+# model_type -> architecture, for a config.json without `architectures` (some converted checkpoints).
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}
+
 
 @dataclass(frozen=True)
 class ArchConfig:
@@ -57,7 +61,7 @@ class ArchConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ArchConfig":
-        architecture = (d.get("architectures") or ["?"])[0]
+        architecture = (d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type"), "?")])[0]
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {architecture!r} (model_type {d.get('model_type')!r}); "
                              f"supported: {', '.join(sorted(ARCHITECTURES))}")

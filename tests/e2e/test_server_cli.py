@@ -62,11 +62,11 @@ def test_serve_flags_become_configs(monkeypatch):
     assert (server.port, server.api_key, names) == (8000, None, ["/models/x"])
 
 
-def test_api_key_from_the_environment_and_the_demo_model_by_default(monkeypatch):
+def test_api_key_from_the_environment_and_the_default_model_by_default(monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "from-env")
-    monkeypatch.setattr("splitfuse.demo.demo_model_path", lambda: "/cache/demo")
     engine, server, names = cli_args.serve_configs(parser().parse_args(["serve"]))
-    assert (engine.model.model, server.api_key, names) == ("/cache/demo", "from-env", ["splitfuse-demo"])
+    assert (engine.model.model, server.api_key, names) == (
+        "smollm2-135m-instruct", "from-env", ["smollm2-135m-instruct"])
 
 
 def test_invalid_flag_values_exit_2_with_the_message(capsys):

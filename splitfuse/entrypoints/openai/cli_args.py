@@ -20,7 +20,6 @@ from splitfuse.config import (ATTENTION_BACKENDS, CacheConfig, EngineConfig, Mod
 from splitfuse.entrypoints.openai.server_config import API_KEY_ENV, LOG_LEVELS, ServerConfig
 
 ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
-DEMO_MODEL_NAME = "splitfuse-demo"
 
 # Fields whose flag parses differently from their annotation.
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"kv_cache_memory": parse_memory_size}
@@ -76,12 +75,12 @@ def _model_help() -> str:
 
 
 def _resolve_model(model: Optional[str]) -> tuple[str, str]:
-    """(checkpoint path, default served name); no MODEL means the built-in demo model."""
-    if model:
-        return model, model
-    from splitfuse.demo import demo_model_path
+    """(model name for the engine, default served name); no MODEL means the default model.
 
-    return str(demo_model_path()), DEMO_MODEL_NAME
+    The engine resolves the name (splitfuse.models.sources): a GGUF file is converted there, once."""
+    from splitfuse.models.sources import DEFAULT_MODEL_NAME
+
+    return (model, model) if model else (DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME)
 
 
 def _engine_config(args: argparse.Namespace, model_path: str) -> EngineConfig:

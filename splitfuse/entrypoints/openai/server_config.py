@@ -23,7 +23,7 @@ class ServerConfig:
         "unset means no key).", default=None)
     served_model_name: Optional[tuple[str, ...]] = _help(
         "Name(s) clients use in the 'model' field; the first is reported in responses "
-        "(default: the model path, or 'splitfuse-demo' for the demo model).", default=None)
+        "(default: the model as named, or 'smollm2-135m-instruct' for the default model).", default=None)
     log_level: str = _help("Log level of the server and engine.", default="info")
     max_request_body_bytes: int = _help("Larger request bodies get HTTP 413.", default=10 * 1024 * 1024)
     shutdown_timeout_s: float = _help(
