@@ -72,7 +72,8 @@ static void NAME(T *query, T *key, const int64_t *positions, const float *cos_ca
     }                                                                                                 \
 }
 
-/* out [T, I] = to_dtype(silu(gate)) * up, gate_up [T, 2I] (gate first). */
+/* out [T, I] = to_dtype(silu(gate)) * up, gate_up [T, 2I] (gate first). exp's argument is capped at 88
+ * (as exp16 caps it): under -ffast-math an infinite exp made g / (1 + inf) NaN, for any gate below -88. */
 #define DEFINE_SILU_AND_MUL(NAME, T, LOAD, STORE, ROUND)                                              \
 static void NAME(T *restrict out, const T *restrict gate_up, int64_t rows, int intermediate) {        \
     _Pragma("omp parallel for if (rows * intermediate >= PARALLEL_MIN_ELEMENTS)")                     \
@@ -81,7 +82,7 @@ static void NAME(T *restrict out, const T *restrict gate_up, int64_t rows, int i
         T *dst = out + row * intermediate;                                                            \
         for (int i = 0; i < intermediate; i++) {                                                      \
             float g = LOAD(gate[i]);                                                                  \
-            dst[i] = STORE(ROUND(g / (1.f + expf(-g))) * LOAD(up[i]));                                \
+            dst[i] = STORE(ROUND(g / (1.f + expf(fminf(-g, 88.f)))) * LOAD(up[i]));                     \
         }                                                                                             \
     }                                                                                                 \
 }

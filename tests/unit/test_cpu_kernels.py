@@ -73,6 +73,16 @@ def test_silu_and_mul(dtype):
     assert_matches(load_cpu_kernels().silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_stays_finite_for_very_negative_gates(dtype):
+    # Under -ffast-math an overflowing exp(-gate) once made silu NaN for every gate below -88.
+    gate = torch.tensor([[-1e5, -1e3, -200.0, -100.0, -88.5, -87.0, 1e3, 3.0] * 4], dtype=dtype)
+    up = torch.full_like(gate, 2.0)
+    out = load_cpu_kernels().silu_and_mul(torch.cat([gate, up], dim=1))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), (F.silu(gate.float()) * 2).to(dtype).float(), atol=1e-30, rtol=2 ** -7)
+
+
 def test_write_kv_cache_puts_each_row_at_its_slot():
     key_cache, value_cache = torch.zeros(10, 2, 4), torch.zeros(10, 2, 4)
     kv = torch.arange(3 * 16, dtype=torch.float32).view(3, 16)  # key and value as views of one output
