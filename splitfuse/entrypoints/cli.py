@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from splitfuse.benchmark.cli import add_bench_parser
+    from splitfuse.entrypoints.chat import add_chat_parser
     from splitfuse.entrypoints.convert import add_convert_parser
     from splitfuse.entrypoints.openai.cli_args import add_generate_parser, add_serve_parser
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
     add_generate_parser(subparsers)
+    add_chat_parser(subparsers)
     add_convert_parser(subparsers)
     add_bench_parser(subparsers)
     return parser

@@ -76,16 +76,20 @@ def test_invalid_flag_values_exit_2_with_the_message(capsys):
         parser().parse_args(["serve", "--kv-cache-memory", "lots"])
 
 
-def test_generate_prints_the_offline_completion(llama_ckpt, capsys):
+def test_generate_answers_through_the_chat_template_and_completes_the_text_with_raw(llama_ckpt, capsys):
     from splitfuse.entrypoints.llm import LLM
     from splitfuse.sampling_params import SamplingParams
 
-    args = parser().parse_args(["generate", "Once upon a time", "--model", llama_ckpt, "--max-tokens", "6",
-                                "--temperature", "0", "--dtype", "float32"])
-    assert args.func(args) == 0
-    expected = LLM(model=llama_ckpt, dtype="float32").generate(
-        "Once upon a time", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
-    assert capsys.readouterr().out == expected + "\n"
+    llm = LLM(model=llama_ckpt, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    answer = llm.chat([{"role": "user", "content": "Once upon a time"}], params, use_tqdm=False)[0].outputs[0]
+    completion = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0]
+    assert answer.token_ids != completion.token_ids and answer.text != completion.text
+    flags = ["--model", llama_ckpt, "--max-tokens", "6", "--temperature", "0", "--dtype", "float32"]
+    for extra_flags, expected in [([], answer.text), (["--raw"], completion.text)]:
+        args = parser().parse_args(["generate", "Once upon a time", *flags, *extra_flags])
+        assert args.func(args) == 0
+        assert capsys.readouterr().out == expected + "\n"
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 Every engine flag is a field of ModelConfig / CacheConfig / SchedulerConfig and every
 server flag a field of ServerConfig, with the field's ``metadata["help"]`` as its help,
 so a knob is described in one place. Unset flags stay None and the dataclass default applies.
+The sampling flags that `generate` and `chat` share are defined once here (add_sampling_flags).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def config_kwargs(args: argparse.Namespace, config_classes: tuple[type, ...],
     return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
-def _model_help() -> str:
+def model_help() -> str:
     return next(f for f in config_fields(ModelConfig) if f.name == "model").metadata["help"]
 
 
@@ -89,6 +90,39 @@ def _engine_config(args: argparse.Namespace, model_path: str) -> EngineConfig:
     return EngineConfig.from_kwargs(**kwargs)
 
 
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Every engine knob but ``model`` (taken as a positional or --model by each command)."""
+    for config_cls in ENGINE_CONFIGS:
+        add_config_flags(parser, config_cls, skip=("model",), group_title=config_cls.__name__)
+
+
+# The SamplingParams fields that add_sampling_flags sets (``n`` only where a command adds it). A sampled
+# run is made reproducible by the engine's --seed (ModelConfig.seed), so there is no second seed flag.
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "ignore_eos", "n")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens_default: int) -> Any:
+    """The sampling flags of `generate` and `chat`; unset ones keep the SamplingParams default."""
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=max_tokens_default,
+                          help=f"Most tokens to generate (default: {max_tokens_default}).")
+    sampling.add_argument("--temperature", type=float, default=None,
+                          help="Sampling temperature; 0 is greedy (default: 1.0).")
+    sampling.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass (default: 1.0).")
+    sampling.add_argument("--top-k", type=int, default=None, help="Sample among the k most likely (default: all).")
+    sampling.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None, help="Keep going past EOS.")
+    return sampling
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> Any:
+    """SamplingParams from the flags the user set; ValueError naming the field if one is invalid."""
+    from splitfuse.sampling_params import SamplingParams
+
+    return SamplingParams(**{name: getattr(args, name) for name in _SAMPLING_FLAGS
+                             if getattr(args, name, None) is not None})
+
+
 def _configure_logging(level: str) -> None:
     python_level = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=python_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,10 +136,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("serve", help="Run the OpenAI-compatible HTTP server.",
                                    description="Serve a model over an OpenAI-compatible HTTP API "
                                                "(/v1/completions, /v1/chat/completions, /metrics, ...).")
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_model_help())
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help())
     add_config_flags(parser, ServerConfig, group_title="server")
-    for config_cls in ENGINE_CONFIGS:
-        add_config_flags(parser, config_cls, skip=("model",), group_title=config_cls.__name__)
+    add_engine_flags(parser)
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -142,48 +175,64 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``splitfuse generate PROMPT [--model M] [--max-tokens N] ...`` (offline, no server)."""
-    parser = subparsers.add_parser("generate", help="Generate text for one prompt and print it.",
-                                   description="Run the offline engine on one prompt and print the completion.")
+    """Register ``splitfuse generate PROMPT [--raw] [--model M] [--max-tokens N] ...`` (offline, no server)."""
+    parser = subparsers.add_parser(
+        "generate", help="Answer one prompt (or complete it with --raw) and print the text.",
+        description="Run the offline engine on one prompt and print the result. The prompt is sent as a "
+                    "user message through the model's chat template when its tokenizer has one (as "
+                    "`ollama run` does); --raw, or a model without a template, completes the text as it is.")
     parser.add_argument("prompt", help="The prompt text.")
-    parser.add_argument("--model", default=None, help=_model_help())
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-tokens", type=int, default=64, help="Most tokens to generate (default: 64).")
-    sampling.add_argument("--temperature", type=float, default=None,
-                          help="Sampling temperature; 0 is greedy (default: 1.0).")
-    sampling.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass (default: 1.0).")
-    sampling.add_argument("--top-k", type=int, default=None, help="Sample among the k most likely (default: all).")
+    parser.add_argument("--model", default=None, help=model_help())
+    parser.add_argument("--raw", action="store_true",
+                        help="Complete the prompt text as it is, without the chat template.")
+    sampling = add_sampling_flags(parser, max_tokens_default=64)
     sampling.add_argument("-n", "--n", type=int, default=None, help="Completions to generate (default: 1).")
-    sampling.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
-    sampling.add_argument("--ignore-eos", action="store_true", default=None, help="Keep going past EOS.")
-    for config_cls in ENGINE_CONFIGS:
-        add_config_flags(parser, config_cls, skip=("model",), group_title=config_cls.__name__)
+    add_engine_flags(parser)
     parser.set_defaults(func=run_generate)
     return parser
 
 
-_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "n", "stop", "ignore_eos")
+class CommandError(Exception):
+    """A command's one-line message for stderr and its exit status: 2 for bad flags, 1 for an unusable model."""
+
+    def __init__(self, command: str, message: str, exit_code: int) -> None:
+        super().__init__(f"splitfuse {command}: {message}")
+        self.exit_code = exit_code
+
+    def report(self) -> int:
+        print(self, file=sys.stderr)
+        return self.exit_code
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def load_offline(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
+    """(LLM, SamplingParams) from `generate` / `chat` flags; every flag is checked before the model loads."""
     from splitfuse.entrypoints.llm import LLM
-    from splitfuse.sampling_params import SamplingParams
 
     try:
         model_path, _ = _resolve_model(args.model)
         engine_kwargs = config_kwargs(args, ENGINE_CONFIGS)
-        EngineConfig.from_kwargs(model=model_path, **engine_kwargs)  # report bad flags before loading
-        params = SamplingParams(**{k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None})
+        EngineConfig.from_kwargs(model=model_path, **engine_kwargs)
+        params = sampling_params_from_args(args)
     except (ValueError, TypeError) as error:
-        print(f"splitfuse generate: error: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(command, f"error: {error}", 2) from None
     try:
-        llm = LLM(model=model_path, **engine_kwargs)
+        return LLM(model=model_path, **engine_kwargs), params
     except (ValueError, OSError) as error:
-        print(f"splitfuse generate: cannot load the model: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(command, f"cannot load the model: {error}", 1) from None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from splitfuse.entrypoints.chat import has_chat_template
+
     try:
-        (output,) = llm.generate([args.prompt], params, use_tqdm=False)
+        llm, params = load_offline(args, "generate")
+    except CommandError as error:
+        return error.report()
+    try:
+        if args.raw or not has_chat_template(llm.tokenizer):
+            (output,) = llm.generate([args.prompt], params, use_tqdm=False)
+        else:
+            (output,) = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     except ValueError as error:  # e.g. the prompt does not fit the context window
         print(f"splitfuse generate: error: {error}", file=sys.stderr)
         return 2
