@@ -2,7 +2,7 @@
 # Offline throughput of splitfuse, vLLM (CPU build) and HF transformers, one engine at a time, on every
 # workload; writes one JSON per engine and a markdown table with splitfuse's ratios to the others.
 #
-#   bash benchmarks/run_offline_all.sh                 # demo model, results in benchmarks/results/offline-<time>/
+#   bash benchmarks/run_offline_all.sh                 # default model, results in benchmarks/results/offline-<time>/
 #   MODEL=/path OUT_DIR=/tmp/r WORKLOAD=b8 bash benchmarks/run_offline_all.sh --max-output-tokens 16
 # Flags after the script name go to every engine (see offline_throughput.py --help).
 #
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm-venv}
-MODEL=${MODEL:-$($PYTHON -c "from splitfuse.demo import demo_model_path; print(demo_model_path())")}
+MODEL=${MODEL:-$($PYTHON -c "from splitfuse.models.sources import resolve_model; print(resolve_model('').path)")}
 OUT_DIR=${OUT_DIR:-benchmarks/results/offline-$(date +%Y%m%d-%H%M%S)}
 WORKLOAD=${WORKLOAD:-all}
 mkdir -p "$OUT_DIR"

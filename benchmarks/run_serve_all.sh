@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serving benchmark: splitfuse's server and vLLM's CPU server on the same checkpoint, one at a time,
-# each driven by `splitfuse bench serve` over loopback. Writes JSON + PNG per run and overlay plots.
+# each driven by `splitfuse bench serve` over loopback, which asks the server for its model's name.
+# Writes JSON + PNG per run and overlay plots.
 #
 #   bash benchmarks/run_serve_all.sh              # results in benchmarks/results/serve-<time>/
 #   SKIP_VLLM=1 bash benchmarks/run_serve_all.sh
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm-venv}
-MODEL=${MODEL:-$($PYTHON -c "from splitfuse.demo import demo_model_path; print(demo_model_path())")}
+MODEL=${MODEL:-$($PYTHON -c "from splitfuse.models.sources import resolve_model; print(resolve_model('').path)")}
 OUT_DIR=${OUT_DIR:-benchmarks/results/serve-$(date +%Y%m%d-%H%M%S)}
 PORT=${PORT:-8321}
 DURATION_S=${DURATION_S:-45}
@@ -36,7 +37,7 @@ wait_healthy() {
 bench() {  # bench LABEL [flags...]
   local label=$1
   shift
-  $PYTHON -m splitfuse bench serve --base-url "$BASE_URL" --model demo --no-progress \
+  $PYTHON -m splitfuse bench serve --base-url "$BASE_URL" --no-progress \
     --output-dir "$OUT_DIR" --duration-s "$DURATION_S" --request-timeout-s 120 "$@" --label "$label"
 }
 
@@ -61,7 +62,7 @@ stop_server() {
 }
 
 echo "== splitfuse" >&2
-$PYTHON -m splitfuse serve "$MODEL" --served-model-name demo --port "$PORT" --max-num-seqs 64 \
+$PYTHON -m splitfuse serve "$MODEL" --port "$PORT" --max-num-seqs 64 \
   --max-num-batched-tokens 2048 --log-level warning > "$OUT_DIR/splitfuse-server.log" 2>&1 &
 SERVER_PID=$!
 trap stop_server EXIT
@@ -73,7 +74,7 @@ if [[ "${SKIP_VLLM:-0}" != 1 ]]; then
   echo "== vllm" >&2
   IOMP=$(find "$VLLM_VENV" -name 'libiomp5.so' -print -quit)
   VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_NUM_OF_RESERVED_CPU=0 LD_PRELOAD="$IOMP" \
-    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name demo \
+    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
     --port "$PORT" --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --max-num-batched-tokens 2048 \
     > "$OUT_DIR/vllm-server.log" 2>&1 &
   SERVER_PID=$!

@@ -210,7 +210,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the default model's, converted)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -223,9 +223,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     if args.model is None:
-        from splitfuse.demo import demo_model_path
+        from splitfuse.models.sources import resolve_model
 
-        args.model = demo_model_path()
+        args.model = resolve_model("").path
     import torch
 
     from splitfuse.engine.async_engine import run_in_thread

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from splitfuse.benchmark.serve_run import ServeRun
 
 EXAMPLES = """examples:
-  splitfuse bench serve --base-url http://127.0.0.1:8000 --model m --arrival closed --concurrency 8
+  splitfuse bench serve --base-url http://127.0.0.1:8000 --arrival closed --concurrency 8
   splitfuse bench serve --base-url http://127.0.0.1:8000 --model m --arrival poisson --sweep 1,2,4,8 \\
       --slo-ttft-ms 1000 --slo-tpot-ms 100 --goodput
   splitfuse bench offline --num-requests 64 --prompt-len normal:512 --output-len normal:128
@@ -84,7 +84,8 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("server")
     target.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
-    target.add_argument("--model", required=True, help="model name sent in each request")
+    target.add_argument("--model", default=None,
+                        help="model name sent in each request (default: the first of the server's /v1/models)")
     target.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     target.add_argument("--prompt-format", choices=("token-ids", "text"), default="token-ids",
                         help="token-ids keeps prompt lengths exact; text needs --tokenizer")
@@ -143,7 +144,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 def serve_run_from_args(args: argparse.Namespace) -> "ServeRun":
     """A validated ServeRun; raises ValueError naming the flag when arguments do not fit together."""
-    from splitfuse.benchmark.client import ServerTarget
+    from splitfuse.benchmark.client import ServerTarget, fetch_first_model
     from splitfuse.benchmark.serve_run import ServeRun
 
     if args.endpoint == "chat" and args.prompt_format != "text":
@@ -167,8 +168,9 @@ def serve_run_from_args(args: argparse.Namespace) -> "ServeRun":
     prefill_ms = args.fluidity_prefill_deadline_ms or args.slo_ttft_ms
     decode_ms = args.fluidity_decode_deadline_ms or args.slo_tpot_ms
     fluidity = (prefill_ms / 1e3, decode_ms / 1e3) if prefill_ms and decode_ms else None
+    model = args.model or fetch_first_model(args.base_url)  # last: the flags are checked without a server
     return ServeRun(
-        target=ServerTarget(args.base_url, args.model, args.endpoint, args.request_timeout_s),
+        target=ServerTarget(args.base_url, model, args.endpoint, args.request_timeout_s),
         workload=workload, arrival=arrival, sessions=sessions, trace=trace,
         sweep_values=args.sweep, max_duration_s=args.duration_s, slo=slo,
         fluidity_deadlines_s=fluidity, effective_rates=list(args.effective_rates),

@@ -257,3 +257,18 @@ def fetch_server_version(target: ServerTarget, timeout_s: float = 3.0) -> Option
     except ValueError:
         return response.text.strip()[:100] or None
     return str(body.get("version")) if isinstance(body, dict) and "version" in body else str(body)[:100]
+
+
+def fetch_first_model(base_url: str, timeout_s: float = 10.0) -> str:
+    """The first id in ``GET {root}/v1/models`` (what vLLM's bench sends without --model); ValueError if none."""
+    import httpx
+
+    url = f"{split_base_url(base_url)}/v1/models"
+    try:
+        response = httpx.get(url, timeout=timeout_s)
+        response.raise_for_status()
+        models = response.json()["data"]
+        return str(models[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as error:
+        detail = str(error) or type(error).__name__
+        raise ValueError(f"cannot learn the served model from {url} ({detail}); pass --model") from None
