@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/run_serve_all.sh              # results in benchmarks/results/serve-<time>/
 #   SKIP_VLLM=1 bash benchmarks/run_serve_all.sh
+#   SERVERS="splitfuse vllm llama" LLAMA_SERVER=/path/llama-server LLAMA_GGUF=model-bf16.gguf bash ...
+#   SERVERS=llama LLAMA_LABEL=llama-q4_1 LLAMA_GGUF=model.Q4_1.gguf bash ...   # another file, another label
 #   RUNS="fixed mixed" DURATION_S=25 bash benchmarks/run_serve_all.sh   # a subset, shorter points
 #
 # Runs (per server):
@@ -17,6 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm-venv}
+SERVERS=${SERVERS:-splitfuse vllm}
+[[ "${SKIP_VLLM:-0}" == 1 ]] && SERVERS=${SERVERS//vllm/}
+LLAMA_LABEL=${LLAMA_LABEL:-llama}
 MODEL=${MODEL:-$($PYTHON -c "from splitfuse.models.sources import resolve_model; print(resolve_model('').path)")}
 OUT_DIR=${OUT_DIR:-benchmarks/results/serve-$(date +%Y%m%d-%H%M%S)}
 PORT=${PORT:-8321}
@@ -61,32 +66,49 @@ stop_server() {
   kill -KILL "$SERVER_PID" 2>/dev/null || true
 }
 
-echo "== splitfuse" >&2
-$PYTHON -m splitfuse serve "$MODEL" --port "$PORT" --max-num-seqs 64 \
-  --max-num-batched-tokens 2048 --log-level warning > "$OUT_DIR/splitfuse-server.log" 2>&1 &
-SERVER_PID=$!
-trap stop_server EXIT
-wait_healthy
-run_all splitfuse
-stop_server
+start_splitfuse() {
+  $PYTHON -m splitfuse serve "$MODEL" --port "$PORT" --max-num-seqs 64 \
+    --max-num-batched-tokens 2048 --log-level warning > "$OUT_DIR/splitfuse-server.log" 2>&1 &
+  SERVER_PID=$!
+}
 
-if [[ "${SKIP_VLLM:-0}" != 1 ]]; then
-  echo "== vllm" >&2
-  IOMP=$(find "$VLLM_VENV" -name 'libiomp5.so' -print -quit)
-  VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_NUM_OF_RESERVED_CPU=0 LD_PRELOAD="$IOMP" \
+start_vllm() {
+  local iomp
+  iomp=$(find "$VLLM_VENV" -name 'libiomp5.so' -print -quit)
+  VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_NUM_OF_RESERVED_CPU=0 LD_PRELOAD="$iomp" VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 VLLM_HOST_IP=127.0.0.1 HF_HUB_OFFLINE=1 \
     "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
     --port "$PORT" --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --max-num-batched-tokens 2048 \
     > "$OUT_DIR/vllm-server.log" 2>&1 &
   SERVER_PID=$!
+}
+
+start_llama() {  # llama.cpp's server on a GGUF file: 64 slots of 2,048 tokens, both cores
+  "${LLAMA_SERVER:?set LLAMA_SERVER to the llama-server binary}" -m "${LLAMA_GGUF:?set LLAMA_GGUF}" \
+    --host 127.0.0.1 --port "$PORT" -t "$(nproc)" -np 64 -c $((64 * 2048)) -b 2048 --log-disable \
+    > "$OUT_DIR/$LLAMA_LABEL-server.log" 2>&1 &
+  SERVER_PID=$!
+}
+
+trap stop_server EXIT
+for server in $SERVERS; do
+  label=$server
+  [[ $server == llama ]] && label=$LLAMA_LABEL
+  echo "== $label" >&2
+  "start_$server"
   wait_healthy
-  run_all vllm
+  run_all "$label"
   stop_server
-fi
+done
 trap - EXIT
 
 for run in $RUNS; do
-  files=("$OUT_DIR"/splitfuse-"$run"-*.json)
-  if [[ "${SKIP_VLLM:-0}" != 1 ]]; then files+=("$OUT_DIR"/vllm-"$run"-*.json); fi
+  files=()
+  for server in $SERVERS; do
+    label=$server
+    [[ $server == llama ]] && label=$LLAMA_LABEL
+    files+=("$OUT_DIR/$label-$run"-*.json)
+  done
   $PYTHON -m splitfuse bench plot "${files[@]}" -o "$OUT_DIR/compare-$run.png" || true
 done
 echo "results in $OUT_DIR" >&2
