@@ -92,8 +92,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _help("Token budget of one engine step (prompt chunks + decodes).",
                                         default=512)
     max_num_seqs: int = _help("Most requests running at once.", default=64)
-    max_waiting_requests: Optional[int] = _help("Most requests waiting; more are refused (default: no limit).",
-                                                default=None)
+    max_waiting_requests: Optional[int] = _help(
+        "Most requests waiting to start (each of n choices counts); more get HTTP 429 with Retry-After "
+        "(None: no limit, what the offline LLM uses).", default=256)
+    max_waiting_tokens: Optional[int] = _help(
+        "Most tokens that waiting requests still have to compute (prompts, once per request); a request "
+        "that would pass it gets HTTP 429 with Retry-After, unless nothing waits (None: no limit, what the "
+        "offline LLM uses).", default=128 * 1024)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -102,6 +107,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
+            raise ValueError(f"max_waiting_tokens must be >= 1, got {self.max_waiting_tokens}")
 
 
 @dataclass(frozen=True)

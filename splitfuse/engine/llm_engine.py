@@ -108,8 +108,7 @@ class LLMEngine:
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """max_tokens as given, or all the context left; raises if the request cannot fit."""
         if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt_tokens} tokens, but the model's context length "
-                             f"(max_model_len) is {self.max_model_len}")
+            raise ValueError(prompt_too_long_message(num_prompt_tokens, self.max_model_len))
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt_tokens
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
@@ -133,9 +132,7 @@ class LLMEngine:
         params.validate_for_vocab(self.vocab_size)
         prompt_token_ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params)
-        max_waiting = self.config.scheduler.max_waiting_requests
-        if max_waiting is not None and len(self.scheduler.waiting) + params.n > max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({max_waiting} requests)")
+        self._check_waiting_room(len(prompt_token_ids), params.n)
 
         arrival_time = time.time() if arrival_time is None else arrival_time
         self._arrival_counter += 1
@@ -158,6 +155,20 @@ class LLMEngine:
             self._group_of[sequence.request_id] = group
             self.scheduler.add_request(sequence)
         self.prompt_tokens_total += len(prompt_token_ids)
+
+    def _check_waiting_room(self, num_prompt_tokens: int, num_sequences: int) -> None:
+        """QueueFullError if the waiting queue cannot take one more request (max_waiting_requests / _tokens)."""
+        config = self.config.scheduler
+        waiting = self.scheduler.waiting
+        if config.max_waiting_requests is not None and len(waiting) + num_sequences > config.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({config.max_waiting_requests} requests)")
+        if config.max_waiting_tokens is None or not waiting:  # alone, any request that fits the context may wait
+            return
+        # A sibling (n > 1) finds its leader's prompt in the prefix cache: its prompt counts once.
+        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in waiting if r.prefill_leader is None)
+        if waiting_tokens + num_prompt_tokens > config.max_waiting_tokens:
+            raise QueueFullError(f"the waiting queue is full ({waiting_tokens} tokens wait to be computed, "
+                                 f"{num_prompt_tokens} more would pass the limit of {config.max_waiting_tokens})")
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
         """Stops requests at once and frees their KV blocks; unknown ids are ignored."""
@@ -282,5 +293,10 @@ class LLMEngine:
             computed_tokens_total=self.computed_tokens_total)
 
 
+def prompt_too_long_message(num_prompt_tokens: int, max_model_len: int) -> str:
+    return (f"prompt has {num_prompt_tokens} tokens, but the model's context length (max_model_len) "
+            f"is {max_model_len}")
+
+
 class QueueFullError(ValueError):
-    """The waiting queue is at ``max_waiting_requests``; the server answers 429."""
+    """The waiting queue is at ``max_waiting_requests`` or ``max_waiting_tokens``; the server answers 429."""

@@ -22,6 +22,8 @@ class LLM:
     """
 
     def __init__(self, model: str = "", **engine_kwargs: Any) -> None:
+        # generate() queues every prompt at once: the waiting-queue limits are for servers, unless given.
+        engine_kwargs = {"max_waiting_requests": None, "max_waiting_tokens": None, **engine_kwargs}
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_kwargs))
         self._request_counter = itertools.count()
 
