@@ -56,6 +56,10 @@ class ModelConfig:
         "Paged attention: cpu-kernel (a C kernel built on first use with the machine's compiler; CPU, "
         "bfloat16/float32), torch (SDPA over copied context; any device) or auto (cpu-kernel where it "
         "applies and builds, else torch).", default="auto")
+    batch_invariant: bool = _help(
+        "Make a request's tokens independent of its batch (bfloat16 on CPU): every attention row through "
+        "the C kernel's one reduction order, oneDNN matmuls at one fixed row count. Off trades that for "
+        "speed on long prompt chunks (SDPA).", default=True)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

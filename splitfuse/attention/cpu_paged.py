@@ -1,10 +1,13 @@
-"""CPU paged attention: a C kernel that reads the paged KV cache in place, SDPA for long prompt chunks.
+"""CPU paged attention: a C kernel that reads the paged KV cache in place (and SDPA for long chunks, if asked).
 
-Decodes and short chunks go to the kernel in ``csrc/`` (one call per layer for all of them):
+Decodes and prompt chunks go to the kernel in ``csrc/`` (one call per layer for all of them):
 it walks each request's block table, so no context is copied out of the cache, which is
-where the torch-native backend spends most of a decode step. The kernel computes one query
-row at a time, so for chunks longer than ``KERNEL_MAX_QUERY_TOKENS`` SDPA's blocked matmuls
-win even after copying the context; those keep the torch-native path.
+where the torch-native backend spends most of a decode step. Each query row's arithmetic in
+the kernel is the same whatever else is in the call (its keys in one fixed order of 16-key
+sub-blocks; rows that share key loads never share sums), so a row's result does not depend on
+its batch, its chunk or whether its prefix came from the cache: that is ``batch_invariant``.
+Without it, chunks longer than ``KERNEL_MAX_QUERY_TOKENS`` go to SDPA, whose blocked matmuls
+are faster there but pick their blocking (and so their rounding) by shape.
 """
 
 from __future__ import annotations
@@ -52,16 +55,18 @@ def cpu_kernel_supported(dtype: torch.dtype, device: torch.device, num_heads: in
 
 
 class CpuPagedBackend:
-    def __init__(self) -> None:
+    def __init__(self, batch_invariant: bool = False) -> None:
         kernels = load_cpu_kernels()
         if kernels is None:
             raise RuntimeError("the CPU kernels are not available on this machine")
         self._kernels = kernels
         self._kernel = kernels.library.paged_attention
         self._chunk_planner = TorchNativeBackend(torch.device("cpu"))
+        self.batch_invariant = batch_invariant
 
     def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> CpuPagedMetadata:
-        to_sdpa = layout.query_lens > KERNEL_MAX_QUERY_TOKENS
+        to_sdpa = (np.zeros(len(layout.query_lens), dtype=bool) if self.batch_invariant
+                   else layout.query_lens > KERNEL_MAX_QUERY_TOKENS)
         metadata = CpuPagedMetadata(
             layout.slot_mapping, layout.block_size,
             np.ascontiguousarray(layout.query_start_loc, dtype=np.int64),

@@ -71,6 +71,7 @@ class LLMEngine:
                                   num_blocks=setup.num_blocks, block_size=config.cache.block_size,
                                   eos_token_ids=setup.eos_token_ids, seed=config.model.seed,
                                   attention_backend=config.model.attention_backend,
+                                  batch_invariant=config.model.batch_invariant,
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                                   max_num_seqs=config.scheduler.max_num_seqs)
         self._groups: dict[str, _RequestGroup] = {}

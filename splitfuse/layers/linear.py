@@ -17,6 +17,11 @@ oneDNN compiles a kernel for every new number of rows (1-12 ms the first time; a
 1,024 kernels after that), and a step's row count is its token count, which varies from step
 to step. So a model with ``PackedLinear`` layers runs at a few row counts only (``padded_rows``:
 the runner pads the batch with dummy tokens), and ``warm_up`` compiles all of them once at load.
+
+Batch invariance (a row's result independent of how many rows the call has): the AMX kernel has it
+by construction (each output is one tile dot-product chain over K, whatever the tile's rows);
+oneDNN picks its kernel, and so its rounding, by row count, so a ``PackedLinear`` with ``row_tile``
+runs every call as calls of exactly ``ROW_TILE`` rows (the last one padded), one shape for all.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 # Packing is tuned for this many rows, but the packed weight serves any number of rows.
 _BATCH_SIZE_HINT = 256
+# The one row count of a batch-invariant PackedLinear's oneDNN calls. Up to 32 rows oneDNN's
+# per-row results also equal its 1-row results on this project's machines (tests/unit/test_packed_linear.py),
+# and a 32-row call costs about what a 1-row call does (the weight's streaming dominates).
+ROW_TILE = 32
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -49,20 +58,39 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's packed layout (inference only, 2-D input)."""
+    """y = x W^T + b with W held in oneDNN's packed layout (inference only, 2-D input).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    ``row_tile``: every oneDNN call gets exactly this many rows (batch invariance, see the module docstring).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.row_tile = row_tile
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
             weight.detach(), _BATCH_SIZE_HINT), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tile is None:
+            return self._linear(x)
+        rows, tile = x.shape[0], self.row_tile
+        if rows == tile:
+            return self._linear(x)
+        full = rows - rows % tile  # 70 rows, tile 32 -> rows 0-31 and 32-63 as they are, 64-69 padded to 32
+        pieces = [self._linear(x[start:start + tile]) for start in range(0, full, tile)]
+        if full < rows:
+            padded = x.new_zeros(tile, x.shape[1])
+            padded[:rows - full] = x[full:]
+            pieces.append(self._linear(padded)[:rows - full])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (f", row_tile={self.row_tile}" if self.row_tile else ""))
 
 
 class AmxLinear(nn.Module):
@@ -107,19 +135,21 @@ def gate_up_order(intermediate: int) -> torch.Tensor:
     return torch.stack([blocks, blocks + intermediate], dim=1).reshape(-1)
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, gate_up: bool = False) -> AmxLinear | PackedLinear:
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, gate_up: bool = False,
+                  batch_invariant: bool = False) -> AmxLinear | PackedLinear:
     """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN.
 
     ``gate_up``: the weight is a gated MLP's [gate; up]; on AMX (with gate and up sizes a multiple of
-    16) the layer then returns silu(gate) * up itself (``AmxLinear.silu_mul``).
+    16) the layer then returns silu(gate) * up itself (``AmxLinear.silu_mul``). ``batch_invariant``:
+    a oneDNN layer runs at ``ROW_TILE`` rows only (the AMX kernel needs nothing for it).
     """
     kernels = load_cpu_kernels()
     if kernels is not None and kernels.amx_takes(weight):
         return AmxLinear(weight, bias, kernels, silu_mul=gate_up and weight.shape[0] % 32 == 0)
-    return PackedLinear(weight, bias)
+    return PackedLinear(weight, bias, ROW_TILE if batch_invariant else None)
 
 
-def pack_linear_layers(module: nn.Module) -> int:
+def pack_linear_layers(module: nn.Module, batch_invariant: bool = False) -> int:
     """Replaces every nn.Linear under ``module`` with a prepacked layer (``packed_linear``); returns how many.
 
     A layer named ``gate_up_proj`` (``GatedMLP``'s [gate; up]) is packed with ``gate_up=True``.
@@ -127,10 +157,11 @@ def pack_linear_layers(module: nn.Module) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, packed_linear(child.weight, child.bias, gate_up=name == "gate_up_proj"))
+            setattr(module, name, packed_linear(child.weight, child.bias, gate_up=name == "gate_up_proj",
+                                                batch_invariant=batch_invariant))
             count += 1
         else:
-            count += pack_linear_layers(child)
+            count += pack_linear_layers(child, batch_invariant)
     return count
 
 
@@ -174,7 +205,7 @@ def warm_up(module: nn.Module, max_rows: int, logits: PackedLinear | None = None
     with torch.inference_mode():
         for layer, rows_limit in jobs:
             dtype = layer.packed_weight.dtype
-            for rows in row_buckets(rows_limit):
+            for rows in [layer.row_tile] if layer.row_tile else row_buckets(rows_limit):
                 if rows * layer.in_features * layer.out_features > _WARM_UP_MAX_MACS:
                     break  # the matmul itself now dwarfs compiling it: leave these to the first step
                 layer(torch.zeros(rows, layer.in_features, dtype=dtype))

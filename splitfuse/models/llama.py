@@ -143,16 +143,21 @@ class LlamaForCausalLM(nn.Module):
                 hidden, residual = layer.forward(positions, hidden, residual, kv_cache, attn_metadata)
         return self.norm.forward(hidden, residual)[0]
 
-    def prepare_for_inference(self) -> None:
-        """After the weights are loaded: pack linear weights where that is faster (bf16 on CPU)."""
+    def prepare_for_inference(self, batch_invariant: bool = False) -> None:
+        """After the weights are loaded: pack linear weights where that is faster (bf16 on CPU).
+
+        ``batch_invariant``: packed layers whose per-row results do not depend on the row count
+        (layers/linear.py); they need no padded batch.
+        """
         weight = self.embed_tokens.weight
         if not packing_supported(weight.device, weight.dtype):
             return
         lm_weight = weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = packed_linear(lm_weight, None)
+        self.packed_logits = packed_linear(lm_weight, None, batch_invariant=batch_invariant)
         self.lm_head = None  # its weight lives on only in packed_logits (a tied one stays in embed_tokens)
-        pack_linear_layers(self.layers)
-        self.pads_rows = any(isinstance(module, PackedLinear) for module in self.layers.modules())
+        pack_linear_layers(self.layers, batch_invariant)
+        self.pads_rows = any(isinstance(module, PackedLinear) and module.row_tile is None
+                             for module in self.layers.modules())
         self.cpu_decoder = CpuDecoder.build(self)
 
     def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
@@ -165,7 +170,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_logits is not None:
             rows = hidden.shape[0]
-            if isinstance(self.packed_logits, PackedLinear) and padded_rows(rows) != rows:
+            if (isinstance(self.packed_logits, PackedLinear) and self.packed_logits.row_tile is None
+                    and padded_rows(rows) != rows):
                 hidden = torch.cat([hidden, hidden.new_zeros(padded_rows(rows) - rows, hidden.shape[1])])
             return self.packed_logits(hidden)[:rows]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -48,7 +48,7 @@ def iterate_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str, config: ArchConfig, dtype: torch.dtype, device: torch.device,
-               backend: AttentionBackend) -> torch.nn.Module:
+               backend: AttentionBackend, batch_invariant: bool = False) -> torch.nn.Module:
     model_class = MODEL_CLASSES[config.family]
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -58,7 +58,7 @@ def load_model(path: str, config: ArchConfig, dtype: torch.dtype, device: torch.
     finally:
         torch.set_default_dtype(previous_dtype)
     _WeightLoader(model).load(iterate_checkpoint(path))
-    model.prepare_for_inference()
+    model.prepare_for_inference(batch_invariant)
     return model.eval()
 
 

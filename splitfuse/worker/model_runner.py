@@ -31,12 +31,13 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
-                 attention_backend: str = "auto", max_num_batched_tokens: int = 0, max_num_seqs: int = 0) -> None:
+                 attention_backend: str = "auto", max_num_batched_tokens: int = 0, max_num_seqs: int = 0,
+                 batch_invariant: bool = False) -> None:
         self.arch = arch
         self.device = device
         self.block_size = block_size
-        self.backend = select_attention_backend(attention_backend, arch, dtype, device, block_size)
-        self.model = load_model(model_path, arch, dtype, device, self.backend)
+        self.backend = select_attention_backend(attention_backend, arch, dtype, device, block_size, batch_invariant)
+        self.model = load_model(model_path, arch, dtype, device, self.backend, batch_invariant)
         self.kv_caches = allocate_kv_cache(arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
                                            arch.head_dim, dtype, device)
         self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))

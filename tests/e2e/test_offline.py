@@ -217,8 +217,9 @@ def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, reques
     if not packing_supported(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN bf16 weight packing unavailable")
     monkeypatch.setattr(CpuKernels, "amx_takes", lambda self, weight: False)  # oneDNN layers, even on AMX CPUs
+    # Padding is the speed mode's (batch invariance runs oneDNN at one row count, tests/models/test_batch_invariance.py).
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
-               block_size=4, device="cpu", enable_prefix_caching=False)
+               block_size=4, device="cpu", enable_prefix_caching=False, batch_invariant=False)
     model = bf16.engine.runner.model
     assert model.pads_rows and isinstance(model.packed_logits, PackedLinear)
     seen_rows = []
@@ -275,8 +276,7 @@ def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exa
 @pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "llama_mha_ckpt", "mistral_ckpt", "qwen2_ckpt"])
 def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_name, request):
     skip_without_amx()
-    # No prefix caching: the second run must schedule the same steps (a cache hit would move a chunk
-    # from SDPA to the kernel, which rounds differently).
+    # No prefix caching: the second run must schedule the same steps.
     llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
               block_size=4, device="cpu", enable_prefix_caching=False)
     model = llm.engine.runner.model
@@ -285,7 +285,7 @@ def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_
     fused_steps = []
     run = decoder.run
     decoder.run = lambda *args: fused_steps.append(args[0].shape[0]) or run(*args)
-    # Short prompts (one kernel-sized chunk each) and a 30-token one (chunks for SDPA, in Python).
+    # Short prompts and a 30-token one: with batch invariance (the default) every chunk is the kernel's.
     prompts = random_prompts([11, 30, 5, 9], seed=8)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
 
@@ -294,8 +294,8 @@ def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_
         return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in results]
 
     fused = outputs()
-    # The decode steps (and a step whose only chunk is kernel-sized, the 16 tokens) ran fused.
-    assert fused_steps == [16] + [4] * 14 + [3]
+    # Every step ran fused: the 40-token budget's prompt steps, then the decodes.
+    assert fused_steps == [40, 16] + [4] * 14 + [3]
     model.cpu_decoder = None
     python = outputs()
     # The same kernels with the same arguments in the same order: equal tokens and equal logprobs.

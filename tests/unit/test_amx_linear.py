@@ -116,3 +116,17 @@ def test_gate_up_rows_go_in_alternating_blocks_of_16():
     pack_linear_layers(mlp)
     assert mlp.gate_up_proj.silu_mul and not mlp.down_proj.silu_mul
     assert not packed_linear(torch.zeros(48, 32, dtype=torch.bfloat16), None, gate_up=True).silu_mul
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_amx_linear_rows_do_not_depend_on_the_row_count(silu_mul):
+    # Batch invariance needs nothing here: each output is one chain of tile dot products over K,
+    # whatever the rows of its tile or the number of row blocks (1,030 rows: two blocks).
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.randn(192, 576, generator=generator).to(torch.bfloat16) * 0.05
+    layer = AmxLinear(weight, None, KERNELS, silu_mul=silu_mul)
+    x = torch.randn(1030, 576, generator=generator).to(torch.bfloat16)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(0, 1030, 41)])
+    for rows in (2, 15, 17, 33, 100, 1030):
+        got = layer(x[:rows])[::41]
+        assert torch.equal(got, alone[:len(got)]), rows

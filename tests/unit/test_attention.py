@@ -186,3 +186,64 @@ def test_padding_rows_past_the_step_are_ignored(backend_name):
     assert torch.equal(output[:num_tokens], expected)
     assert torch.equal(output[num_tokens:], torch.zeros(5, NUM_HEADS, HEAD_DIM))
     assert all(torch.equal(a, b) for a, b in zip(kv_cache, clean_cache))
+
+
+
+def paged_batch(requests, block_size):
+    """requests: (start, keys [ctx, KVH, D], values, queries [ctx - start, H, D]); positions < start cached.
+
+    -> (layout, query, key, value, kv_cache) with each request's blocks scattered over the pool."""
+    num_blocks = sum(-(-k.shape[0] // block_size) for _, k, _, _ in requests) + 4
+    free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(num_blocks)).tolist()
+    key_cache = torch.zeros(num_blocks * block_size, *requests[0][1].shape[1:], dtype=requests[0][1].dtype)
+    value_cache = torch.zeros_like(key_cache)
+    tables, slots = [], []
+    for start, keys, values, _ in requests:
+        table = [free.pop() for _ in range(-(-keys.shape[0] // block_size))]
+        request_slots = torch.tensor([table[p // block_size] * block_size + p % block_size
+                                      for p in range(keys.shape[0])])
+        key_cache[request_slots[:start]], value_cache[request_slots[:start]] = keys[:start], values[:start]
+        tables.append(table)
+        slots.append(request_slots[start:])
+    query_lens = np.array([q.shape[0] for _, _, _, q in requests])
+    block_tables = np.zeros((len(requests), max(map(len, tables))), dtype=np.int64)
+    for i, table in enumerate(tables):
+        block_tables[i, :len(table)] = table
+    layout = BatchLayout(query_lens=query_lens, context_lens=np.array([k.shape[0] for _, k, _, _ in requests]),
+                         query_start_loc=np.concatenate([[0], np.cumsum(query_lens)]), block_tables=block_tables,
+                         slot_mapping=torch.cat(slots), num_decodes=int((query_lens == 1).sum()),
+                         block_size=block_size)
+    new_keys = torch.cat([keys[start:] for start, keys, _, _ in requests])
+    new_values = torch.cat([values[start:] for start, _, values, _ in requests])
+    query = torch.cat([q for _, _, _, q in requests])
+    return layout, query, new_keys, new_values, (key_cache, value_cache)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 6])
+def test_batch_invariant_kernel_rows_do_not_depend_on_batch_or_chunking(dtype, window):
+    # batch_invariant sends every request to the kernel, long chunks included (no SDPA). One request's
+    # rows (a 70-token context) then come out bit for bit the same as one 70-token chunk alone, as a
+    # 40-token chunk over 30 cached tokens inside a mixed batch, and as a decode at position 69.
+    generator = torch.Generator().manual_seed(3)
+
+    def request(context, start):
+        keys, values = (torch.randn(context, NUM_KV_HEADS, 64, generator=generator).to(dtype) for _ in range(2))
+        return [start, keys, values, torch.randn(context - start, NUM_HEADS, 64, generator=generator).to(dtype)]
+
+    backend = CpuPagedBackend(batch_invariant=True)
+    target = request(70, 0)
+    results = {}
+    for start, neighbours in [(0, []), (30, [request(9, 8), request(100, 0), request(20, 13)]),
+                              (69, [request(40, 39), request(5, 0)])]:
+        mine = [start, target[1], target[2], target[3][start:]]
+        requests = sorted(neighbours + [mine], key=lambda r: r[3].shape[0] != 1)  # decodes first
+        layout, query, key, value, kv_cache = paged_batch(requests, block_size=16)
+        metadata = backend.plan(layout, (window,))
+        assert metadata.chunks == []
+        output = backend.forward(query, key, value, kv_cache, metadata, scale=0.125, sliding_window=window)
+        first = int(layout.query_start_loc[next(i for i, r in enumerate(requests) if r is mine)])
+        results[start] = output[first:first + 70 - start]
+    assert torch.equal(results[30], results[0][30:])
+    assert torch.equal(results[69], results[0][69:])

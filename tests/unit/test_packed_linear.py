@@ -76,3 +76,20 @@ def test_warm_up_leaves_matmuls_too_big_to_be_worth_it_to_the_first_step(monkeyp
     monkeypatch.setattr(linear, "_WARM_UP_MAX_MACS", 8 * 16 * 5)  # up to 5 rows of an 8x16 matmul
     warm_up(model, max_rows=12)
     assert calls == [1, 2, 3, 4, 5] * 2
+
+
+def test_row_tiled_packed_linear_rows_do_not_depend_on_the_row_count():
+    # oneDNN picks its kernel by row count (past 32 rows a row's rounding changes); with row_tile every
+    # call runs at ROW_TILE rows, so a row is the same alone, in any batch, and padded in the last tile.
+    from splitfuse.layers.linear import ROW_TILE
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(1536, 576, generator=generator).to(torch.bfloat16) * 0.05
+    x = torch.randn(300, 576, generator=generator).to(torch.bfloat16)
+    tiled, plain = PackedLinear(weight, None, row_tile=ROW_TILE), PackedLinear(weight, None)
+    alone = torch.cat([tiled(x[i:i + 1]) for i in range(300)])
+    assert torch.equal(alone, torch.cat([plain(x[i:i + 1]) for i in range(300)]))  # 32 rows == 1 row
+    for rows in (2, 31, 33, 64, 100, 300):
+        got = tiled(x[:rows])
+        assert got.shape == (rows, 1536) and torch.equal(got, alone[:rows]), rows
+    assert not torch.equal(plain(x), alone)  # why it is needed: 300 rows at once round some rows otherwise
