@@ -1,12 +1,14 @@
 """Every failure as OpenAI's error shape {"error": {"message", "type", "param", "code"}}, with the right status.
 
 Statuses: 400 bad parameters / malformed JSON / over the context window / unknown model,
-401 bad API key, 404/405 unknown route, 413 oversized body, 429 waiting queue full,
-503 shutting down or engine down; 500 is left only for bugs.
+401 bad API key, 404/405 unknown route, 413 oversized body, 429 waiting queue full (with
+Retry-After), 503 shutting down or engine down; 500 is left only for bugs. Error bodies are
+ASCII JSON, so they encode whatever the message quotes (a lone surrogate becomes "\\ud800").
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any, Optional
@@ -31,19 +33,23 @@ _TYPE_BY_STATUS = {
     500: "server_error",
     503: "service_unavailable_error",
 }
+# Seconds a client should wait after a 429: the queue drains at the engine's pace, a step or a few.
+RETRY_AFTER_S = 1
 
 
 class OpenAIError(Exception):
     """An error the API reports to the client; raise it anywhere in a route."""
 
     def __init__(self, message: str, status: int = 400, *, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None) -> None:
+                 code: Optional[str] = None, type: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
+        self.headers = headers
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
@@ -54,8 +60,13 @@ def error_body(message: str, status: int, **kwargs: Any) -> dict[str, Any]:
     return OpenAIError(message, status, **kwargs).to_response().model_dump()
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def json_error(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.to_response().model_dump(), status_code=error.status)
+    return _ASCIIJSONResponse(error.to_response().model_dump(), status_code=error.status, headers=error.headers)
 
 
 def from_engine_error(error: BaseException, param_names: frozenset[str] = frozenset()) -> OpenAIError:
@@ -67,7 +78,7 @@ def from_engine_error(error: BaseException, param_names: frozenset[str] = frozen
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, QueueFullError):
-        return OpenAIError(str(error), 429, code="queue_full")
+        return OpenAIError(str(error), 429, code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(error, (EngineStoppedError, EngineDeadError)):
         return OpenAIError(str(error), 503, code="engine_unavailable")
     if isinstance(error, EngineStepError):

@@ -7,10 +7,12 @@ next to them. Unknown fields are ignored, as OpenAI-compatible servers usually d
 
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_serializer
+from pydantic_core import PydanticCustomError
 
 
 class _Request(BaseModel):
@@ -48,8 +50,28 @@ class BaseSamplingRequest(_Request):
     stream_options: Optional[StreamOptions] = None
 
 
+_PromptShape = Union[str, list[str], list[int], list[list[int]]]
+
+
+def _check_prompt(value: Any) -> Any:
+    """``prompt`` as one of _PromptShape, checked in C loops (set(map(type, ...))), the lists kept as they are.
+
+    pydantic's own check of this union tries every alternative and copies every inner list, so a
+    body of ``[[],[],...]`` held the event loop many times longer than parsing it did.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        kinds = set(map(type, value))
+        if kinds <= {int} or kinds == {str}:
+            return value
+        if kinds == {list} and set(map(type, itertools.chain.from_iterable(value))) <= {int}:
+            return value
+    raise PydanticCustomError("prompt_type", "invalid value; expected str or list[str] or list[int] or list[list[int]]")
+
+
 class CompletionRequest(BaseSamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Annotated[_PromptShape, PlainValidator(_check_prompt, json_schema_input_type=_PromptShape)]
     max_tokens: Optional[int] = 16  # OpenAI's legacy completions default
     echo: bool = False
     logprobs: Optional[int] = None  # number of top alternatives per token (0..20)
@@ -73,7 +95,9 @@ class ChatCompletionRequest(BaseSamplingRequest):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    # Template variables: plain JSON values only, so a template sees nothing it could walk or call.
+    chat_template_kwargs: Optional[dict[str, Optional[Union[str, bool, int, float]]]] = None
+    chat_template: Optional[str] = None  # refused unless the server trusts request templates
 
 
 # ----- responses --------------------------------------------------------------------------

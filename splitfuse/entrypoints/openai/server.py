@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -18,7 +19,9 @@ from fastapi.responses import JSONResponse, Response
 
 from splitfuse.engine.async_engine import AsyncLLMEngine
 from splitfuse.entrypoints.openai.errors import OpenAIError, install_error_handlers, json_error
+from splitfuse.entrypoints.openai.json_body import JSONBodyRoute
 from splitfuse.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from splitfuse.entrypoints.openai.prompt_workers import PromptWorkers
 from splitfuse.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from splitfuse.entrypoints.openai.server_config import ServerConfig
 from splitfuse.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -47,12 +50,20 @@ def splitfuse_version() -> str:
         return "0.1.0+source"
 
 
-def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key: Optional[str] = None,
-              max_request_body_bytes: int = ServerConfig.max_request_body_bytes) -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it when the server shuts down."""
+def build_app(engine: AsyncLLMEngine, served_model_names: list[str], config: Optional[ServerConfig] = None, *,
+              api_key: Optional[str] = None, max_request_body_bytes: Optional[int] = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (and the prompt workers) at shutdown.
+
+    ``api_key`` and ``max_request_body_bytes``, when given, replace those fields of ``config``.
+    """
+    config = config or ServerConfig()
+    overrides = {"api_key": api_key, "max_request_body_bytes": max_request_body_bytes}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     metrics = ServerMetrics(lambda: engine.stats, model_name=served_model_names[0],
                             get_loop_totals=lambda: (engine.num_steps, engine.busy_time_s))
     engine.observer = metrics
+    workers = PromptWorkers(engine.tokenizer, engine.max_model_len, num_workers=config.prompt_workers,
+                            template_timeout_s=config.chat_template_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,14 +71,17 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key:
         try:
             yield
         finally:
+            workers.close()
             await engine.shutdown(_ENGINE_STOP_TIMEOUT_S)
 
     app = FastAPI(title="splitfuse", version=splitfuse_version(), lifespan=lifespan)
+    app.router.route_class = JSONBodyRoute  # bodies parsed by jiter: lone surrogates, deep nesting -> 400
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.prompt_workers = workers
     install_error_handlers(app)
-    completions = OpenAIServingCompletion(engine, served_model_names, metrics)
-    chat = OpenAIServingChat(engine, served_model_names, metrics)
+    completions = OpenAIServingCompletion(engine, served_model_names, metrics, config=config, workers=workers)
+    chat = OpenAIServingChat(engine, served_model_names, metrics, config=config, workers=workers)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
@@ -97,9 +111,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # add_middleware wraps: the last one added runs first, so the key is checked before the body is read.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_request_body_bytes)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     return app
 
 
@@ -137,8 +151,7 @@ class GracefulServer(uvicorn.Server):
 
 def run_server(engine: AsyncLLMEngine, served_model_names: list[str], server_config: ServerConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
-    app = build_app(engine, served_model_names, api_key=server_config.api_key,
-                    max_request_body_bytes=server_config.max_request_body_bytes)
+    app = build_app(engine, served_model_names, server_config)
     drain_s = server_config.shutdown_timeout_s
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, lifespan="on",
@@ -156,7 +169,9 @@ class ServerThread:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 60.0) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without
+        # it a keep-alive response (headers, then body) waits ~40 ms for the client's delayed ACK.
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, 0))  # bound now, so no other process can take the port before uvicorn
         self.host, self.port = self._socket.getsockname()[:2]

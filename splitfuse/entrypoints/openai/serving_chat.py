@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: messages -> the checkpoint's chat template -> token ids -> engine -> reply or SSE."""
+"""POST /v1/chat/completions: messages -> the checkpoint's chat template -> token ids -> engine -> reply or SSE.
+
+The template is rendered by a prompt worker in a sandboxed process (prompt_workers.py); a template sent
+in the request is refused unless the server trusts them (--trust-request-chat-template).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ from typing import Any, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2 import TemplateError
 
 from splitfuse.engine.async_engine import RequestStream
 from splitfuse.entrypoints.openai.errors import OpenAIError, from_engine_error
+from splitfuse.entrypoints.openai.prompt_workers import RenderFailed
 from splitfuse.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                    ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                                    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
@@ -24,9 +28,11 @@ from splitfuse.entrypoints.openai.serving_common import (SSE_DONE, ClientDisconn
 from splitfuse.outputs import Logprob, RequestOutput
 from splitfuse.sampling_params import SamplingParams
 
-# Arguments of apply_chat_template that the server sets itself; clients may pass any others.
-_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "tokenize", "add_generation_prompt", "return_dict",
-                                     "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+_UNTRUSTED_TEMPLATE = ("this server does not render chat templates sent in requests; start it with "
+                       "--trust-request-chat-template to allow them")
+# How a failed render is reported: kind -> (status, code).
+_RENDER_FAILURES = {"timeout": (400, "chat_template_timeout"), "invalid": (400, "chat_template_error"),
+                    "unavailable": (503, "engine_unavailable"), "crashed": (500, "chat_template_worker_failed")}
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and SamplingParams'
 # Stand-in when the engine omits the chosen token's logprob (JSON has no -inf).
 _MISSING_LOGPROB = -9999.0
@@ -42,11 +48,12 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
             raise OpenAIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
                               param="top_logprobs")
-        prompt_token_ids = self.render_prompt(request)
+        template = self._template(request)
         # No max_tokens: the engine gives the request what is left of the context window.
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         params = self.sampling_params(request, max_tokens=max_tokens,
                                       logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        prompt_token_ids = await self.render_prompt(request, template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         (stream,) = await self.start_requests(request_id, [prompt_token_ids], params, request.priority)
         created = int(time.time())
@@ -67,19 +74,42 @@ class OpenAIServingChat(OpenAIServing):
                                           usage=usage_of([output]))
         return JSONResponse(response.model_dump())
 
-    def render_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        """Messages -> prompt token ids via the tokenizer's chat template (400 when it cannot render)."""
+    def _template(self, request: ChatCompletionRequest) -> str:
+        """The template to render: the model's (or one it names), or the request's if the server trusts those."""
+        requested = request.chat_template
+        if requested is None and request.chat_template_kwargs:
+            requested = request.chat_template_kwargs.get("chat_template")  # type: ignore[assignment]
+        if requested is not None and not isinstance(requested, str):
+            raise OpenAIError("chat_template must be a string", param="chat_template")
         tokenizer = self.engine.tokenizer
-        extra_args = {k: v for k, v in (request.chat_template_kwargs or {}).items()
-                      if k not in _RESERVED_TEMPLATE_ARGS}
+        own = getattr(tokenizer, "chat_template", None)
+        if requested is None or (isinstance(own, dict) and requested in own):  # one of the checkpoint's own
+            try:
+                return tokenizer.get_chat_template(requested)
+            except (AttributeError, ValueError) as error:
+                raise OpenAIError(f"cannot apply the chat template: {error}", param="messages") from None
+        if not self.config.trust_request_chat_template:
+            raise OpenAIError(_UNTRUSTED_TEMPLATE, param="chat_template", code="chat_template_not_allowed")
+        return requested
+
+    async def render_prompt(self, request: ChatCompletionRequest, template: str) -> list[int]:
+        """Messages -> prompt token ids, rendered and tokenized by the prompt workers (400 when it cannot render)."""
+        # The variables apply_chat_template gives a template: special tokens, the client's kwargs, then ours.
+        variables = {**self.engine.tokenizer.special_tokens_map,
+                     **{k: v for k, v in (request.chat_template_kwargs or {}).items() if k != "chat_template"},
+                     "messages": [_to_template_message(m) for m in request.messages], "tools": None,
+                     "documents": None, "add_generation_prompt": request.add_generation_prompt}
         try:
-            text = tokenizer.apply_chat_template([_to_template_message(m) for m in request.messages],
-                                                 tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                                                 **extra_args)
-        except (ValueError, TypeError, TemplateError) as error:
-            raise OpenAIError(f"cannot apply the chat template: {error}", param="messages") from None
+            text = await self.workers.render(template, variables)
+        except RenderFailed as failure:
+            if failure.kind == "too_long" and self.workers.max_prompt_chars is not None:
+                raise self.too_many_chars(f"the chat prompt is too long ({failure.message})", "messages") from None
+            status, code = _RENDER_FAILURES.get(failure.kind, (400, "chat_template_error"))
+            raise OpenAIError(f"cannot apply the chat template: {failure.message}", status,
+                              param="messages" if status == 400 else None, code=code) from None
+        self.check_prompt_chars(len(text), f"the chat prompt has {len(text)} characters", "messages")
         # The template already wrote BOS and friends as text; adding them again would double them.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return await self.workers.tokenize(text, add_special_tokens=False)
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: Sequence[int],
                   logprobs: Optional[list[dict[int, Logprob]]]) -> Optional[ChatLogprobs]:

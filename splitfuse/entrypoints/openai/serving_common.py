@@ -1,4 +1,4 @@
-"""What completions and chat share: request -> SamplingParams, starting engine requests, deltas, SSE, disconnects."""
+"""What completions and chat share: SamplingParams, per-request limits, engine requests, deltas, SSE, disconnects."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from splitfuse.engine.async_engine import AsyncLLMEngine, QueueFullError, RequestStream
+from splitfuse.engine.llm_engine import prompt_too_long_message
 from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, from_engine_error
+from splitfuse.entrypoints.openai.prompt_workers import PromptWorkers
 from splitfuse.entrypoints.openai.protocol import BaseSamplingRequest, UsageInfo
+from splitfuse.entrypoints.openai.server_config import ServerConfig
 from splitfuse.outputs import CompletionOutput, Logprob, RequestOutput
 from splitfuse.sampling_params import SamplingParams
 
 T = TypeVar("T")
 
-MAX_N = 128  # choices per request; more would let one request hog the whole batch
 SSE_DONE = "data: [DONE]\n\n"
 _REPLACEMENT_CHAR = "\ufffd"
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | frozenset(
@@ -56,12 +58,31 @@ def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
 
 
 class OpenAIServing:
-    """Base of the completion and chat handlers: owns the engine handle and the model names."""
+    """Base of the completion and chat handlers: the engine handle, the model names, the limits, the workers."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: Any = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: Any = None, *,
+                 config: ServerConfig, workers: PromptWorkers) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.metrics = metrics
+        self.config = config
+        self.workers = workers
+
+    def check_prompt_chars(self, num_chars: int, what: str, param: str) -> None:
+        """400 for text longer than any prompt that fits the context (see PromptWorkers.max_prompt_chars)."""
+        limit = self.workers.max_prompt_chars
+        if limit is not None and num_chars > limit:
+            raise self.too_many_chars(what, param)
+
+    def too_many_chars(self, what: str, param: str) -> OpenAIError:
+        return OpenAIError(f"{what}, but no prompt of more than {self.workers.max_prompt_chars} characters fits "
+                           f"the model's context length (max_model_len) of {self.engine.max_model_len} tokens "
+                           f"(a token stands for {self.workers.chars_per_token} characters at most)",
+                           param=param, code="prompt_too_long")
+
+    def check_prompt_tokens(self, num_tokens: int) -> None:
+        if num_tokens >= self.engine.max_model_len:  # the engine says the same; here it costs no engine time
+            raise OpenAIError(prompt_too_long_message(num_tokens, self.engine.max_model_len), param="prompt")
 
     def check_model(self, requested: Optional[str]) -> str:
         """The name to report; an unknown name is a 400 (an omitted one means the default model)."""
@@ -71,11 +92,10 @@ class OpenAIServing:
                           f"{', '.join(repr(n) for n in self.served_model_names)}",
                           400, param="model", code="model_not_found")
 
-    def sampling_params(self, request: BaseSamplingRequest, *, max_tokens: Optional[int],
+    def sampling_params(self, request: BaseSamplingRequest, *, max_tokens: Optional[int], num_prompts: int = 1,
                         logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """SamplingParams from the request fields; a bad value is a 400 naming the field."""
-        if not 1 <= request.n <= MAX_N:
-            raise OpenAIError(f"n must be between 1 and {MAX_N}, got {request.n}", param="n")
+        self._check_num_choices(request.n, num_prompts)
         logit_bias = None
         if request.logit_bias:
             try:
@@ -109,6 +129,18 @@ class OpenAIServing:
             bad_stop = any(not 0 <= t < vocab_size for t in params.stop_token_ids or [])
             raise OpenAIError(str(error), param="stop_token_ids" if bad_stop else "logit_bias") from None
         return params
+
+    def _check_num_choices(self, n: int, num_prompts: int) -> None:
+        # Each choice is a sequence in the batch: without a cap one request could take all of it.
+        max_prompts, max_choices = self.config.max_prompts_per_request, self.config.max_choices_per_request
+        if num_prompts > max_prompts:
+            raise OpenAIError(f"prompt holds {num_prompts} prompts; at most {max_prompts} are allowed per request",
+                              param="prompt")
+        if not 1 <= n <= max_choices:
+            raise OpenAIError(f"n must be between 1 and {max_choices}, got {n}", param="n")
+        if n * num_prompts > max_choices:
+            raise OpenAIError(f"n x prompts = {n} x {num_prompts} = {n * num_prompts} choices; at most "
+                              f"{max_choices} are allowed per request", param="n")
 
     async def start_requests(self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams,
                              priority: int) -> list[RequestStream]:

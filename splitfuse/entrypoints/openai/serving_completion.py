@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -33,10 +34,12 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("suffix is not supported", param="suffix")
         prompts = _normalize_prompts(request.prompt)
         echo_logprobs = request.echo and request.logprobs is not None
-        params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs,
+        params = self.sampling_params(request, max_tokens=request.max_tokens, num_prompts=len(prompts),
+                                      logprobs=request.logprobs,
                                       prompt_logprobs=request.logprobs if echo_logprobs else None)
+        prompt_token_ids = await self._tokenize(prompts)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self.start_requests(request_id, prompts, params, request.priority)
+        streams = await self.start_requests(request_id, prompt_token_ids, params, request.priority)
         created = int(time.time())
         if request.stream:
             chunks = self._stream(request_id, model_name, created, request, params, prompts, streams)
@@ -53,6 +56,22 @@ class OpenAIServingCompletion(OpenAIServing):
         response = CompletionResponse(id=request_id, created=created, model=model_name, choices=choices,
                                       usage=usage_of(outputs))
         return JSONResponse(response.model_dump())
+
+    async def _tokenize(self, prompts: list[Prompt]) -> list[Prompt]:
+        """Token ids of every prompt, from the prompt workers; lengths are checked first, here, in O(1)."""
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise OpenAIError("prompt is empty", param="prompt")
+                self.check_prompt_chars(len(prompt), f"prompt has {len(prompt)} characters", "prompt")
+            else:
+                self.check_prompt_tokens(len(prompt))
+        if self.engine.tokenizer is None:  # an engine without a tokenizer of ours (a test double) reads text itself
+            return prompts
+        # Same call as LLMEngine.encode_prompt (special tokens added: BOS), so the tokens are the engine's own.
+        return list(await asyncio.gather(*(
+            self.workers.tokenize(prompt, add_special_tokens=True) if isinstance(prompt, str) else _ready(prompt)
+            for prompt in prompts)))
 
     def _choice(self, request: CompletionRequest, prompt: Prompt, output: RequestOutput, index: int, text: str,
                 token_ids: Sequence[int], logprobs: Optional[list[dict[int, Logprob]]],
@@ -148,6 +167,10 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             for stream in streams:
                 stream.abort()
+
+
+async def _ready(token_ids: list[int]) -> list[int]:
+    return token_ids
 
 
 def _normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
