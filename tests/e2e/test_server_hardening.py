@@ -334,6 +334,24 @@ def test_full_waiting_queue_is_429_with_retry_after_and_frees_everything(llama_c
         server.stop()
 
 
+def test_a_request_the_waiting_queue_could_never_take_is_400_not_429(llama_ckpt):
+    server = start(llama_ckpt, max_waiting_requests=4, max_waiting_tokens=20)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert_error(client.post("/v1/completions", json={**OK_BODY, "prompt": [[1] * 15, [2] * 6]}), 400,
+                         "the prompts hold 21 tokens, more than the waiting queue ever holds "
+                         "(max_waiting_tokens = 20)", "prompt")
+            assert_error(client.post("/v1/completions", json={**OK_BODY, "prompt": [[1], [2], [3]], "n": 2}), 400,
+                         "n x prompts = 6 sequences, more than the waiting queue ever holds "
+                         "(max_waiting_requests = 4)", "n")
+            # The same amounts as one prompt, or within the limits, are served.
+            assert client.post("/v1/completions", json={**OK_BODY, "prompt": [1] * 21}).status_code == 200
+            assert client.post("/v1/completions", json={**OK_BODY, "prompt": [[1] * 14, [2] * 6]}).status_code == 200
+            assert_idle(client)
+    finally:
+        server.stop()
+
+
 def test_defaults_bound_the_queue_the_body_and_the_choices():
     from splitfuse.config import SchedulerConfig
 

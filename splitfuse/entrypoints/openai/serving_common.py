@@ -142,12 +142,29 @@ class OpenAIServing:
             raise OpenAIError(f"n x prompts = {n} x {num_prompts} = {n * num_prompts} choices; at most "
                               f"{max_choices} are allowed per request", param="n")
 
+    def _check_fits_waiting_queue(self, prompts: Sequence[str | list[int]], n: int) -> None:
+        """400 for a request the waiting queue could never take whole (a 429 would be retried in vain).
+
+        Its prompts all wait at once; only a lone prompt may pass max_waiting_tokens (LLMEngine's rule).
+        """
+        limits = getattr(getattr(self.engine.engine, "config", None), "scheduler", None)  # frozen: any thread
+        if limits is None or len(prompts) < 2:
+            return
+        if limits.max_waiting_requests is not None and len(prompts) * n > limits.max_waiting_requests:
+            raise OpenAIError(f"n x prompts = {len(prompts) * n} sequences, more than the waiting queue ever holds "
+                              f"(max_waiting_requests = {limits.max_waiting_requests})", param="n")
+        num_tokens = sum(len(prompt) for prompt in prompts if not isinstance(prompt, str))
+        if limits.max_waiting_tokens is not None and num_tokens > limits.max_waiting_tokens:
+            raise OpenAIError(f"the prompts hold {num_tokens} tokens, more than the waiting queue ever holds "
+                              f"(max_waiting_tokens = {limits.max_waiting_tokens})", param="prompt")
+
     async def start_requests(self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams,
                              priority: int) -> list[RequestStream]:
         """Add one engine request per prompt; all or nothing (a failure aborts the ones already added).
 
         The adds go out together, so the engine takes them all in one command batch.
         """
+        self._check_fits_waiting_queue(prompts, params.n)
         sub_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(*(self.engine.add_request(sub_id, prompt, params, priority=priority)
                                          for sub_id, prompt in zip(sub_ids, prompts)), return_exceptions=True)
