@@ -201,6 +201,9 @@ def test_dropped_streams_and_requests_are_aborted_and_free_their_blocks(served, 
 
     async def give_up_on_a_running_request(client: httpx.AsyncClient) -> None:
         # A non-streaming request answers only when it is done; its client leaves once it is running.
+        # First the dropped streams' aborts must have landed, or "running" could still count one of them.
+        while parse_metrics((await client.get("/metrics")).text)["splitfuse:num_requests_running"] > 0:
+            await asyncio.sleep(0.001)
         request = asyncio.create_task(client.post("/v1/completions", json={**long_body, "stream": False}))
         while parse_metrics((await client.get("/metrics")).text)["splitfuse:num_requests_running"] < 1:
             assert not request.done(), "the request finished before the client could give up on it"
