@@ -17,6 +17,12 @@
  * Softmax runs online over one block at a time (running max, sum and fp32 accumulator
  * per query row), so memory does not grow with the context.  Built with -march=native:
  * the AVX-512 paths below are used where the machine has them, plain C elsewhere.
+ *
+ * Batch invariance (what ModelConfig.batch_invariant relies on; keep it): a row's result depends
+ * only on its query, its position and its keys and values.  Its keys are visited in order, in
+ * sub-blocks aligned to the cache blocks whatever the work item; rows that share key loads never
+ * share a sum; keys a row does not see add exact zeros.  So the row comes out the same as a
+ * decode, in a chunk of any length, or beside any other rows (tests/unit/test_attention.py).
  */
 
 #include <math.h>
