@@ -117,3 +117,17 @@ def test_portable_path_without_amx_is_batch_invariant_too(case, monkeypatch):
     alone = {i: token_ids(llm, [case.prompts[i]], GREEDY)[0] for i in (0, 2, 6, 12)}
     outputs = token_ids(llm, [case.prompts[i] for i in indices], GREEDY)
     case.assert_batch_matches(outputs, indices, alone)
+
+
+def test_logprobs_alone_equal_inside_a_batch(case):
+    # Not only the chosen tokens: the whole log-softmax row a request sees is the same bit for bit.
+    llm = case.engine(max_num_batched_tokens=64, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    indices = [0, 2, 6, 12]
+
+    def logprobs(prompts):
+        return [o.outputs[0].logprobs for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    alone = [logprobs([case.prompts[i]])[0] for i in indices]
+    batched = logprobs([case.prompts[i] for i in range(16)])
+    assert [batched[i] for i in indices] == alone
