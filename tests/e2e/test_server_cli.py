@@ -62,6 +62,13 @@ def test_serve_flags_become_configs(monkeypatch):
     assert (server.port, server.api_key, names) == (8000, None, ["/models/x"])
 
 
+def test_serve_takes_the_model_as_a_flag_too():
+    engine, _, names = cli_args.serve_configs(parser().parse_args(["serve", "--model", "/models/y"]))
+    assert (engine.model.model, names) == ("/models/y", ["/models/y"])
+    with pytest.raises(ValueError, match="two models given: '/models/x' and --model '/models/y'"):
+        cli_args.serve_configs(parser().parse_args(["serve", "/models/x", "--model", "/models/y"]))
+
+
 def test_api_key_from_the_environment_and_the_default_model_by_default(monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     engine, server, names = cli_args.serve_configs(parser().parse_args(["serve"]))

@@ -137,6 +137,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    description="Serve a model over an OpenAI-compatible HTTP API "
                                                "(/v1/completions, /v1/chat/completions, /metrics, ...).")
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help())
+    # `--model M` as well, the spelling of `generate`, `chat` and vLLM's api_server.
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL", help="The same as MODEL.")
     add_config_flags(parser, ServerConfig, group_title="server")
     add_engine_flags(parser)
     parser.set_defaults(func=run_serve)
@@ -148,7 +150,9 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig,
     server_kwargs = config_kwargs(args, (ServerConfig,))
     server_kwargs.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)
     server_config = ServerConfig(**server_kwargs)
-    model_path, default_name = _resolve_model(args.model)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+    model_path, default_name = _resolve_model(args.model or args.model_flag)
     engine_config = _engine_config(args, model_path)
     return engine_config, server_config, list(server_config.served_model_name or (default_name,))
 
