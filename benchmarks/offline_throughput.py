@@ -100,7 +100,7 @@ def splitfuse_runner(args: argparse.Namespace) -> tuple[Runner, dict[str, Any]]:
     import torch
 
     llm = LLM(model=args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, batch_invariant=args.batch_invariant)
 
     def run(requests: list[Request]) -> tuple[float, list[list[int]], dict[str, Any]]:
         prompts = [r.prompt_token_ids for r in requests]
@@ -218,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="per-step token budget, the same for splitfuse and vLLM")
     parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM only")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="splitfuse only: batch-invariant numerics (the engine's default), or not")
     parser.add_argument("--detokenize", action="store_true",
                         help="detokenize outputs (splitfuse, vLLM); off by default: HF generate does not")
     parser.add_argument("--hf-mixed", choices=("padded", "grouped"), default="padded",

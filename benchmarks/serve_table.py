@@ -1,6 +1,7 @@
-"""Markdown tables of a run_serve_all.sh directory: splitfuse against vLLM, one table per run.
+"""Markdown tables of a run_serve_all.sh directory: splitfuse against a peer (vLLM by default), one per run.
 
     python benchmarks/serve_table.py benchmarks/results/<run>/serve
+    python benchmarks/serve_table.py benchmarks/results/<run>/serve llama-bf16   # the peer's label
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ def _ms(metrics: dict, name: str) -> str:
     return f"{metrics[name]['p50'] * 1e3:.1f} / {metrics[name]['p99'] * 1e3:.1f}"
 
 
-def table(directory: str, run: str) -> str:
-    ours, theirs = _load(directory, "splitfuse", run), _load(directory, "vllm", run)
+def table(directory: str, run: str, peer: str = "vllm") -> str:
+    ours, theirs = _load(directory, "splitfuse", run), _load(directory, peer, run)
     if ours is None or theirs is None:
         return ""
-    lines = [f"| {RUNS[run]} | splitfuse out tok/s | vLLM out tok/s | ratio | TTFT p50 / p99 ms (splitfuse) "
-             "| TTFT p50 / p99 ms (vLLM) | TBT p50 / p99 ms (splitfuse) | TBT p50 / p99 ms (vLLM) "
-             "| effective req/s at r = 4 tok/s (splitfuse / vLLM) |", "|---" * 9 + "|"]
+    name = "vLLM" if peer == "vllm" else peer
+    lines = [f"| {RUNS[run]} | splitfuse out tok/s | {name} out tok/s | ratio | TTFT p50 / p99 ms (splitfuse) "
+             f"| TTFT p50 / p99 ms ({name}) | TBT p50 / p99 ms (splitfuse) | TBT p50 / p99 ms ({name}) "
+             f"| effective req/s at r = 4 tok/s (splitfuse / {name}) |", "|---" * 9 + "|"]
     for value in sorted(set(ours) & set(theirs)):
         a, b = ours[value], theirs[value]
         lines.append(f"| {value:g} | {a['output_tokens_per_s']:,.1f} | {b['output_tokens_per_s']:,.1f} "
@@ -46,8 +48,9 @@ def table(directory: str, run: str) -> str:
 
 def main() -> None:
     directory = sys.argv[1]
+    peer = sys.argv[2] if len(sys.argv) > 2 else "vllm"
     for run in RUNS:
-        text = table(directory, run)
+        text = table(directory, run, peer)
         if text:
             print(f"{run}:\n\n{text}\n")
 

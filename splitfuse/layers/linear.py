@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,6 +43,23 @@ _BATCH_SIZE_HINT = 256
 # call per layer; a smaller step pays for 32 rows, a prompt chunk for many 32-row calls instead of one
 # better-blocked call. Any fixed count would be invariant; 32 measured better than 64 or 128.
 ROW_TILE = 32
+
+
+def in_row_tiles(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int) -> torch.Tensor:
+    """linear(x) computed as calls of exactly ``tile`` rows (the last one zero-padded): one matmul shape.
+
+    70 rows, tile 32 -> rows 0-31 and 32-63 as they are, 64-69 padded to 32 rows.
+    """
+    rows = x.shape[0]
+    if rows == tile:
+        return linear(x)
+    full = rows - rows % tile
+    pieces = [linear(x[start:start + tile]) for start in range(0, full, tile)]
+    if full < rows:
+        padded = x.new_zeros(tile, x.shape[1])
+        padded[:rows - full] = x[full:]
+        pieces.append(linear(padded)[:rows - full])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -74,16 +92,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tile is None:
             return self._linear(x)
-        rows, tile = x.shape[0], self.row_tile
-        if rows == tile:
-            return self._linear(x)
-        full = rows - rows % tile  # 70 rows, tile 32 -> rows 0-31 and 32-63 as they are, 64-69 padded to 32
-        pieces = [self._linear(x[start:start + tile]) for start in range(0, full, tile)]
-        if full < rows:
-            padded = x.new_zeros(tile, x.shape[1])
-            padded[:rows - full] = x[full:]
-            pieces.append(self._linear(padded)[:rows - full])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return in_row_tiles(self._linear, x, self.row_tile)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

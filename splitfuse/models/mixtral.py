@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitfuse.layers.linear import ROW_TILE, in_row_tiles, packing_supported
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.llama import LlamaForCausalLM
 
 
 class SparseMoE(nn.Module):
-    """Each token goes to its ``top_k`` experts, weighted by the renormalized router softmax."""
+    """Each token goes to its ``top_k`` experts, weighted by the renormalized router softmax.
+
+    ``row_tile`` (batch invariance): each expert's matmuls run in calls of exactly that many rows, so a
+    token's result does not depend on how many other tokens chose the same expert this step.
+    """
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
@@ -22,6 +29,12 @@ class SparseMoE(nn.Module):
         # Expert e: w13[e] = [w1; w3] (gate and up stacked), w2[e] the down projection.
         self.w13 = nn.Parameter(torch.empty(config.num_experts, 2 * config.intermediate_size, config.hidden_size))
         self.w2 = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.intermediate_size))
+        self.row_tile: Optional[int] = None
+
+    def _expert_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.row_tile is None:
+            return F.linear(x, weight)
+        return in_row_tiles(lambda rows: F.linear(rows, weight), x, self.row_tile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
@@ -39,8 +52,8 @@ class SparseMoE(nn.Module):
             if count == 0:
                 continue
             tokens = token_of_pair[start:start + count]
-            gate, up = F.linear(x[tokens], self.w13[expert]).split(self.intermediate_size, dim=-1)
-            expert_out = F.linear(F.silu(gate) * up, self.w2[expert])
+            gate, up = self._expert_linear(x[tokens], self.w13[expert]).split(self.intermediate_size, dim=-1)
+            expert_out = self._expert_linear(F.silu(gate) * up, self.w2[expert])
             out.index_add_(0, tokens, expert_out * weight_of_pair[start:start + count, None])
             start += count
         return out
@@ -50,6 +63,13 @@ class MixtralForCausalLM(LlamaForCausalLM):
     @staticmethod
     def make_mlp(config: ArchConfig) -> nn.Module:
         return SparseMoE(config)
+
+    def prepare_for_inference(self, batch_invariant: bool = False) -> None:
+        super().prepare_for_inference(batch_invariant)
+        weight = self.embed_tokens.weight
+        if batch_invariant and packing_supported(weight.device, weight.dtype):  # bf16 on the CPU
+            for layer in self.layers:
+                layer.mlp.row_tile = ROW_TILE
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:

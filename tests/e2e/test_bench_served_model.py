@@ -3,50 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from splitfuse.benchmark.cli import main
-from splitfuse.entrypoints.openai.server_config import API_KEY_ENV
+from server_process import free_port, serve_process
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server_url(llama_ckpt):
     """A real `splitfuse serve` process on the tiny checkpoint, serving it as "tiny-served"."""
-    url = f"http://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "splitfuse", "serve", llama_ckpt, "--port", url.rsplit(":", 1)[1],
-               "--dtype", "float32", "--served-model-name", "tiny-served", "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, API_KEY_ENV: ""})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_process(llama_ckpt, "--dtype", "float32", "--served-model-name", "tiny-served",
+                       "--log-level", "warning") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
 
 
 def test_without_model_the_served_name_is_used(server_url, tmp_path):

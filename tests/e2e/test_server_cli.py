@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from splitfuse.config import CacheConfig, SchedulerConfig, config_fields
 from splitfuse.entrypoints.cli import build_parser
 from splitfuse.entrypoints.openai import cli_args
 from splitfuse.entrypoints.openai.server_config import API_KEY_ENV, ServerConfig
+from server_process import free_port, wait_for_health
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,25 +97,6 @@ def test_generate_answers_through_the_chat_template_and_completes_the_text_with_
         args = parser().parse_args(["generate", "Once upon a time", *flags, *extra_flags])
         assert args.func(args) == 0
         assert capsys.readouterr().out == expected + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(process: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.2)
 
 
 def stream_lines(url: str, max_tokens: int, lines: list[str]) -> None:

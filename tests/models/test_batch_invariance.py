@@ -131,3 +131,26 @@ def test_logprobs_alone_equal_inside_a_batch(case):
     alone = [logprobs([case.prompts[i]])[0] for i in indices]
     batched = logprobs([case.prompts[i] for i in range(16)])
     assert [batched[i] for i in indices] == alone
+
+
+def test_mixtral_experts_alone_equal_inside_a_batch(tmp_path, tiny_tokenizer):
+    # Each expert sees a different number of tokens in every batch; in bf16 its matmuls run in fixed
+    # 32-row calls (SparseMoE.row_tile), so a token's result does not depend on its neighbours. At this
+    # width and a 2,048-token budget, experts get hundreds of rows a step, where oneDNN's rounding per
+    # row changes with the row count: with row_tile None the logprobs below differ (checked).
+    from splitfuse import checkpoint_factory
+
+    config = checkpoint_factory.tiny_mixtral_config(hidden_size=256, intermediate_size=512, head_dim=64)
+    path = checkpoint_factory.write_checkpoint(config, tmp_path / "mixtral", tokenizer=tiny_tokenizer,
+                                               init_std=0.05)
+    llm = LLM(model=path, dtype="bfloat16", max_num_batched_tokens=2048, enable_prefix_caching=False)
+    assert {layer.mlp.row_tile for layer in llm.engine.runner.model.layers} == {32}
+    prompts = prompts_for(llm.engine.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+
+    def logprobs(batch):
+        return [o.outputs[0].logprobs for o in llm.generate(batch, params, use_tqdm=False)]
+
+    alone = {i: logprobs([prompts[i]])[0] for i in (0, 2, 6, 12)}
+    batched = logprobs(prompts)
+    assert {i: batched[i] for i in alone} == alone

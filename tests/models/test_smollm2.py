@@ -7,8 +7,6 @@ directory that `splitfuse convert` writes), and its own GGUF tokenizer for the t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import transformers
 
 from splitfuse import LLM, SamplingParams
 from splitfuse.engine.setup import load_tokenizer
+from server_process import serve_process
 
 # Each question's greedy answer (bf16, the default dtype) must contain the fact.
 FACTS = [
@@ -104,22 +103,10 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_tokenizer(smollm2_g
 def test_openai_client_chats_with_splitfuse_serve_and_no_model_flag():
     import openai
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
-    from test_server_cli import free_port, wait_for_health
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "splitfuse", "serve", "--port", str(port),
-                                "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "SPLITFUSE_API_KEY": ""})
-    try:
-        wait_for_health(process, url, timeout_s=300)
+    with serve_process("--log-level", "warning", timeout_s=300) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
         reply = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=32,
                                                messages=_chat("What is the capital of France?"))
         assert reply.choices[0].message.content == "The capital of France is Paris."
         assert reply.choices[0].finish_reason == "stop"
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
