@@ -20,7 +20,7 @@ from splitfuse.sampling_params import SamplingParams
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="", help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", default="", help="checkpoint directory, .gguf file or built-in name (default: the default model)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed before profiling")
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -18,7 +18,7 @@ Messages = list[dict[str, Any]]
 class LLM:
     """``LLM(model=path, dtype="float32", max_num_batched_tokens=256, ...)``; any EngineConfig field by name.
 
-    With no model, the built-in demo checkpoint (random weights: gibberish output) is used.
+    With no model, the default model (SmolLM2-135M-Instruct, splitfuse.models.sources) is used.
     """
 
     def __init__(self, model: str = "", **engine_kwargs: Any) -> None:

@@ -65,7 +65,7 @@ def config_kwargs(args: argparse.Namespace, config_classes: tuple[type, ...],
                   skip: tuple[str, ...] = ("model",)) -> dict[str, Any]:
     """The flags the user set, for ``EngineConfig.from_kwargs`` / ``ServerConfig(**...)``.
 
-    ``model`` is skipped: it is resolved separately (positional or --model, demo by default).
+    ``model`` is skipped: it is resolved separately (positional or --model, the default model otherwise).
     """
     names = {field.name for cls in config_classes for field in config_fields(cls)} - set(skip)
     return {name: value for name, value in vars(args).items() if name in names and value is not None}
