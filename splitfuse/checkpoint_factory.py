@@ -33,13 +33,13 @@ import copy
 import json
 import os
 import random
-import shutil
-import tempfile
 import types
 
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from splitfuse.checkpoint_dirs import atomic_directory
 
 # ids 0..4 in every tokenizer we train, in this order.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -255,25 +255,10 @@ def write_checkpoint(
     "200KB") splits weights into model-0000i-of-0000n.safetensors + model.safetensors.index.json.
     Returns the absolute path."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path) and os.listdir(path):
-        raise FileExistsError(f"{path} already exists and is not empty")
-    model = _build_model(hf_config, tokenizer, seed, dtype, init_std)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    temp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(path) as temp_dir:
+        model = _build_model(hf_config, tokenizer, seed, dtype, init_std)
         model.save_pretrained(temp_dir, max_shard_size=max_shard_size or "50GB")
         tokenizer.save_pretrained(temp_dir)
-        # mkdtemp makes the dir 0700 and safetensors writes 0600; a shared cache must stay readable.
-        os.chmod(temp_dir, 0o755)
-        for file_name in os.listdir(temp_dir):
-            os.chmod(os.path.join(temp_dir, file_name), 0o644)
-        try:
-            os.rename(temp_dir, path)
-        except OSError as error:  # a non-empty dir is there now: someone else won the race
-            raise FileExistsError(f"{path} was written concurrently") from error
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)  # no-op after a successful rename
     return path
 
 

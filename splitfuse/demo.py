@@ -10,6 +10,7 @@ import types
 import torch
 import transformers
 
+from splitfuse.checkpoint_dirs import build_once
 from splitfuse.checkpoint_factory import train_tokenizer, write_checkpoint
 from splitfuse.models.sources import default_cache_root
 
@@ -38,11 +39,6 @@ def demo_hf_config() -> transformers.LlamaConfig:
     return transformers.LlamaConfig(**DEMO_MODEL_CONFIG)
 
 
-def _is_complete(path: str) -> bool:
-    # write_checkpoint renames a finished folder into place, so any config.json there means a whole checkpoint.
-    return os.path.isfile(os.path.join(path, "config.json"))
-
-
 def demo_model_path(cache_dir: str | None = None) -> str:
     """Returns `<cache root>/demo-llama-v1`, generating the checkpoint there on first use.
 
@@ -50,14 +46,12 @@ def demo_model_path(cache_dir: str | None = None) -> str:
     (same bytes every time, a few seconds on CPU); concurrent callers may both generate, one rename wins
     and both return the same finished folder."""
     path = os.path.join(os.path.abspath(cache_dir or default_cache_root()), DEMO_CHECKPOINT_NAME)
-    if _is_complete(path):
-        return path
     start_s = time.perf_counter()
-    tokenizer = train_tokenizer(DEMO_MODEL_CONFIG["vocab_size"], seed=DEMO_SEED)
-    try:
+
+    def generate() -> None:
+        tokenizer = train_tokenizer(DEMO_MODEL_CONFIG["vocab_size"], seed=DEMO_SEED)
         write_checkpoint(demo_hf_config(), path, tokenizer=tokenizer, seed=DEMO_SEED, dtype=DEMO_DTYPE)
-    except FileExistsError:
-        if not _is_complete(path):  # the folder holds something else: do not hand it out as the demo
-            raise
-    logger.info("generated demo checkpoint at %s in %.1f s", path, time.perf_counter() - start_s)
+
+    if build_once(path, generate):
+        logger.info("generated demo checkpoint at %s in %.1f s", path, time.perf_counter() - start_s)
     return path

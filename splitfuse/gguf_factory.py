@@ -16,6 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from splitfuse.models.gguf import GLOBAL_TENSORS, LAYER_TENSORS
+
 # For the K-quant types gguf cannot quantize, tensors get random quants and sub-block scales with fixed
 # fp16 super-block scales: (block bytes, offset of d, offset of dmin, dmin / d) in llama.cpp's layouts.
 # dmin / d is the mean quant (7.5 for 4 bits, ...), so that the weights centre on zero like trained ones.
@@ -23,25 +25,9 @@ _D_SCALE = 0.002
 _K_QUANT_BLOCKS = {"Q4_K": (144, 0, 2, 7.5), "Q5_K": (176, 0, 2, 15.5), "Q2_K": (84, 80, 82, 1.5),
                    "Q6_K": (210, 208, None, 0.0), "Q3_K": (110, 108, None, 0.0)}
 
-# HF name (after model.layers.N.) -> GGUF name (after blk.N.), the inverse of splitfuse.models.gguf's map.
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+# HF name -> GGUF name: the loader's tables (splitfuse.models.gguf) read backwards.
+_LAYER_NAMES = {hf: gguf for gguf, hf in LAYER_TENSORS.items()}
+_GLOBAL_NAMES = {hf: gguf for gguf, hf in GLOBAL_TENSORS.items()}
 
 
 def gguf_name(hf_name: str) -> str:

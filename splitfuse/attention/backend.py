@@ -82,9 +82,8 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     if device.type != "cpu":
         return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in range(num_layers)]
-    element_size = torch.empty((), dtype=dtype).element_size()
-    tensor_bytes = shape[0] * num_kv_heads * head_dim * element_size
-    pool = mmap.mmap(-1, 2 * num_layers * tensor_bytes)
+    bytes_per_block = kv_cache_bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+    pool = mmap.mmap(-1, num_blocks * bytes_per_block)
     flat = torch.frombuffer(pool, dtype=dtype)  # holds a reference to the map: it lives as long as the views
     tensors = flat.view(num_layers, 2, *shape)
     return [(tensors[layer, 0], tensors[layer, 1]) for layer in range(num_layers)]

@@ -32,10 +32,6 @@ STOPPED_NOTE = "(stopped)"
 COMMANDS_HELP = "/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer."
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 class ChatSession:
     """One conversation with ``llm``: the history, and each answer streamed to ``out`` as it is generated.
 
@@ -163,7 +159,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     try:
         llm, params = load_offline(args, "chat")
-        if not has_chat_template(llm.tokenizer):
+        if not llm.has_chat_template:
             raise CommandError("chat", f"the model {args.model or DEFAULT_MODEL_NAME!r} has no chat template "
                                        f"(`splitfuse generate --raw` completes plain text)", 1)
     except CommandError as error:

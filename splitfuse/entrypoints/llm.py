@@ -31,6 +31,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -65,7 +69,7 @@ class LLM:
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True,
                             chat_template: Optional[str] = None) -> list[int]:
-        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+        if chat_template is None and not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; pass chat_template=")
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
                                                       add_generation_prompt=add_generation_prompt)

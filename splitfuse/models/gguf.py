@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from splitfuse.checkpoint_dirs import atomic_directory
 
 # GGUF general.architecture -> (HF architecture, HF model_type)
 GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -41,7 +41,7 @@ SUPPORTED_TENSOR_TYPES = frozenset({
 })
 
 # blk.N.<gguf name> -> model.layers.N.<HF name>
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -57,7 +57,7 @@ _LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -91,6 +91,7 @@ class GGUFCheckpoint:
             raise GGUFError(f"unsupported GGUF architecture {self.architecture!r}; "
                             f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
         self.tensor_names = [t.name for t in self._reader.tensors]
+        self.hf_config = self._hf_config_dict()
 
     def _value(self, key: str, default: Any = None) -> Any:
         field = self._reader.fields.get(key)
@@ -99,7 +100,7 @@ class GGUFCheckpoint:
     def _arch_value(self, key: str, default: Any = None) -> Any:
         return self._value(f"{self.architecture}.{key}", default)
 
-    def hf_config_dict(self) -> dict[str, Any]:
+    def _hf_config_dict(self) -> dict[str, Any]:
         """config.json's contents for this file (the HF names; transformers fills in the rest)."""
         architecture, model_type = GGUF_ARCHITECTURES[self.architecture]
         num_heads = self._required("attention.head_count")
@@ -149,7 +150,7 @@ class GGUFCheckpoint:
         """(HF name, tensor in `dtype`) for every weight, q/k rows back in HF order."""
         from gguf.quants import dequantize
 
-        config = self.hf_config_dict()
+        config = self.hf_config
         for tensor in self._reader.tensors:
             name = self._hf_name(tensor.name)
             type_name = tensor.tensor_type.name
@@ -169,15 +170,12 @@ class GGUFCheckpoint:
 
     @staticmethod
     def _hf_name(gguf_name: str) -> str:
-        if gguf_name in _GLOBAL_TENSORS:
-            return _GLOBAL_TENSORS[gguf_name]
+        if gguf_name in GLOBAL_TENSORS:
+            return GLOBAL_TENSORS[gguf_name]
         parts = gguf_name.split(".", 2)
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_TENSORS:
+            return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}"
         raise GGUFError(f"GGUF tensor {gguf_name!r} has no counterpart in our models")
-
-    def chat_template(self) -> str | None:
-        return self._value("tokenizer.chat_template")
 
 
 def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -212,15 +210,10 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float3
     from safetensors.torch import save_file
 
     checkpoint = GGUFCheckpoint(gguf_path)
-    config_dict = checkpoint.hf_config_dict()
-    tokenizer = load_gguf_tokenizer(gguf_path)
+    config_dict = checkpoint.hf_config
     out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    temp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as temp_dir:
+        tokenizer = load_gguf_tokenizer(gguf_path)
         hf_config = transformers.AutoConfig.for_model(**config_dict)
         hf_config.dtype = dtype
         hf_config.save_pretrained(temp_dir)
@@ -230,16 +223,6 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float3
         tokenizer.save_pretrained(temp_dir)
         _make_tokenizer_config_portable(temp_dir, tokenizer.chat_template)
         _write_safetensors(checkpoint.tensors(dtype), temp_dir, save_file)
-        # mkdtemp makes the dir 0700 and safetensors writes 0600; a shared cache must stay readable.
-        os.chmod(temp_dir, 0o755)
-        for file_name in os.listdir(temp_dir):
-            os.chmod(os.path.join(temp_dir, file_name), 0o644)
-        try:
-            os.rename(temp_dir, out_dir)
-        except OSError as error:
-            raise FileExistsError(f"{out_dir} was written concurrently") from error
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)  # no-op after a successful rename
     return out_dir
 
 

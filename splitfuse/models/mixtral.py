@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitfuse.layers.linear import ROW_TILE, in_row_tiles, packing_supported
+from splitfuse.layers.linear import ROW_TILE, in_row_tiles
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.llama import LlamaForCausalLM
 
@@ -66,8 +66,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def prepare_for_inference(self, batch_invariant: bool = False) -> None:
         super().prepare_for_inference(batch_invariant)
-        weight = self.embed_tokens.weight
-        if batch_invariant and packing_supported(weight.device, weight.dtype):  # bf16 on the CPU
+        if batch_invariant and self.packed_logits is not None:  # the layers were packed: bf16 on the CPU
             for layer in self.layers:
                 layer.mlp.row_tile = ROW_TILE
 

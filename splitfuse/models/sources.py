@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitfuse.checkpoint_dirs import build_once
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -97,13 +99,7 @@ def converted_gguf_dir(gguf_path: str, dtype: str = "bfloat16", cache_root: str 
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(real_path))[0]
     path = os.path.join(os.path.abspath(cache_root or default_cache_root()), "gguf", f"{stem}-{key}-{dtype}")
-    if os.path.isfile(os.path.join(path, "config.json")):  # convert_gguf renames a whole folder into place
-        return path
     start_s = time.perf_counter()
-    try:
-        convert_gguf(real_path, path, _DTYPES[dtype])
-    except FileExistsError:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise
-    logger.info("converted %s to %s in %.1f s", gguf_path, path, time.perf_counter() - start_s)
+    if build_once(path, lambda: convert_gguf(real_path, path, _DTYPES[dtype])):
+        logger.info("converted %s to %s in %.1f s", gguf_path, path, time.perf_counter() - start_s)
     return path

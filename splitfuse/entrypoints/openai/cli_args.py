@@ -226,14 +226,12 @@ def load_offline(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from splitfuse.entrypoints.chat import has_chat_template
-
     try:
         llm, params = load_offline(args, "generate")
     except CommandError as error:
         return error.report()
     try:
-        if args.raw or not has_chat_template(llm.tokenizer):
+        if args.raw or not llm.has_chat_template:
             (output,) = llm.generate([args.prompt], params, use_tqdm=False)
         else:
             (output,) = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
