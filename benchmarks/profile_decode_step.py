@@ -63,9 +63,9 @@ def per_call(engine, steps: int) -> None:
     targets = [(CpuKernels, name) for name in ("rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache")]
     # CpuDecoder.run: all decoder layers of a step in one C call, where it applies (bf16 on AMX CPUs).
     targets += [(PackedLinear, "forward"), (AmxLinear, "forward"), (CpuDecoder, "run"),
-                (type(engine.runner.backend), "forward"),
-                (type(engine.runner.model), "compute_logits"), (type(engine.runner.sampler), "__call__"),
-                (type(engine.runner), "_prepare_inputs"), (type(engine.runner), "execute")]
+                (type(engine.engine_core.executor.runner.backend), "forward"),
+                (type(engine.engine_core.executor.runner.model), "compute_logits"), (type(engine.engine_core.executor.runner.sampler), "__call__"),
+                (type(engine.engine_core.executor.runner), "execute_model"), (type(engine.engine_core.scheduler), "schedule")]
     for owner, name in targets:
         original = getattr(owner, name)
 

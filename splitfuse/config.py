@@ -103,8 +103,14 @@ class SchedulerConfig:
         "Most tokens that waiting requests still have to compute (prompts, once per request); a request "
         "that would pass it gets HTTP 429 with Retry-After, unless nothing waits (None: no limit, what the "
         "offline LLM uses).", default=128 * 1024)
+    policy: str = _help(
+        "Order in which waiting requests start and running ones are preempted: priority (lower "
+        "`priority` first, then arrival; with equal priorities this is first come, first served) or fcfs "
+        "(arrival only).", default="priority")
 
     def __post_init__(self) -> None:
+        if self.policy not in ("priority", "fcfs"):
+            raise ValueError(f"policy must be priority or fcfs, got {self.policy!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds.
+
+    CUMULATIVE: everything so far. ``token_ids`` and ``logprobs`` are the request's own lists,
+    which keep growing after the output is handed out (no copy per step); ``text`` is a snapshot.
+    DELTA: only what is new since the previous output (the text never ends in a partial stop
+    string or an unfinished character). FINAL_ONLY: one output, when the request finishes.
+    """
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Optional, Protocol
 
 from splitfuse.engine.llm_engine import QueueFullError  # re-exported: the engine refuses, the server says 429
-from splitfuse.outputs import RequestOutput
+from splitfuse.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from splitfuse.sampling_params import SamplingParams
 
 __all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStepError", "EngineStoppedError", "QueueFullError",
@@ -97,9 +97,12 @@ def run_in_thread(function: Any, *args: Any) -> Any:
 class RequestStream:
     """The outputs of one request, as an async iterator of cumulative ``RequestOutput``s.
 
-    Outputs are cumulative, so a slow consumer only needs the newest one: the stream
-    keeps the latest output instead of a backlog (a consumer that lags three steps
-    wakes once and sees all three steps' tokens). Iteration ends after the finished output.
+    The engine thread sends DELTA outputs (only what is new, so it never copies a request's
+    whole token list); the stream adds them up here, on the event loop, into its own lists.
+    So a slow consumer needs no backlog: one that lags three steps wakes once and sees all
+    three steps' tokens. Each output handed out has the text so far (never a partial stop
+    string or an unfinished character) and the stream's token and logprob lists, which keep
+    growing after it is handed out. Iteration ends after the finished output.
     Lives on the event loop; only ``AsyncLLMEngine`` feeds it.
     """
 
@@ -107,7 +110,9 @@ class RequestStream:
         self.request_id = request_id
         self.arrival_time = arrival_time
         self._engine = engine
-        self._latest: Optional[RequestOutput] = None
+        self._latest: Optional[RequestOutput] = None  # the newest delta (its metrics, prompt, finished flag)
+        self._completions: dict[int, CompletionOutput] = {}  # index -> the running total
+        self._pending = False  # deltas arrived since the consumer last took an output
         self._error: Optional[BaseException] = None
         self._wakeup = asyncio.Event()
         self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -123,8 +128,9 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while True:
-            if self._latest is not None:
-                output, self._latest = self._latest, None
+            if self._pending:
+                self._pending = False
+                output = self._snapshot()
                 if output.finished:
                     self._exhausted = True
                 return output
@@ -142,11 +148,36 @@ class RequestStream:
         self._engine.abort(self.request_id)
 
     # Called on the event loop by AsyncLLMEngine.
-    def _put(self, output: RequestOutput) -> None:
-        self._latest = output
-        if output.finished:
+    def _put(self, delta: RequestOutput) -> None:
+        for piece in delta.outputs:
+            total = self._completions.get(piece.index)
+            if total is None:
+                self._completions[piece.index] = dataclasses.replace(
+                    piece, token_ids=list(piece.token_ids),
+                    logprobs=None if piece.logprobs is None else list(piece.logprobs))
+                continue
+            total.text += piece.text
+            total.token_ids.extend(piece.token_ids)
+            if piece.logprobs is not None and total.logprobs is not None:
+                total.logprobs.extend(piece.logprobs)
+            total.cumulative_logprob = piece.cumulative_logprob
+            total.finish_reason, total.stop_reason = piece.finish_reason, piece.stop_reason
+        self._latest = delta
+        self._pending = True
+        if delta.finished:
             self.finished = True
         self._wakeup.set()
+
+    def _snapshot(self) -> RequestOutput:
+        latest = self._latest
+        completions = [dataclasses.replace(c) for _, c in sorted(self._completions.items())]
+        return RequestOutput(latest.request_id, latest.prompt, latest.prompt_token_ids, completions,
+                             latest.finished, latest.metrics, num_cached_tokens=latest.num_cached_tokens)
+
+    @property
+    def num_output_positions(self) -> int:
+        """The longest choice's token count so far."""
+        return max((len(c.token_ids) for c in self._completions.values()), default=0)
 
     def _fail(self, error: BaseException) -> None:
         self.finished = True
@@ -360,7 +391,8 @@ class AsyncLLMEngine:
     def _add(self, command: _Add) -> None:
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    arrival_time=command.arrival_time, priority=command.priority)
+                                    arrival_time=command.arrival_time, priority=command.priority,
+                                    output_kind=RequestOutputKind.DELTA)
         except Exception as error:  # ValueError (QueueFullError too) for a refused request; anything else as well
             self._post(command.stream._fail, error)
             return
@@ -381,7 +413,7 @@ class AsyncLLMEngine:
                 self._live_ids.discard(output.request_id)
         self._stats = self.engine.get_stats()
         if outputs:
-            # The engine builds fresh RequestOutputs (own lists) each step, so they can cross threads as they are.
+            # DELTA outputs hold fresh lists (the new tokens only), so they can cross threads as they are.
             self._post(self._dispatch, outputs)
 
     def _recover_from_step_error(self, error: Exception) -> None:
@@ -411,8 +443,8 @@ class AsyncLLMEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:  # aborted by its caller after this step started
                 continue
-            self._observe(stream, output, now)
             stream._put(output)
+            self._observe(stream, output, now)
             if output.finished:
                 del self._streams[output.request_id]
 
@@ -420,7 +452,7 @@ class AsyncLLMEngine:
         observer = self.observer
         if observer is None:
             return
-        positions = max((len(c.token_ids) for c in output.outputs), default=0)
+        positions = stream.num_output_positions
         new_positions = positions - stream._num_positions
         if new_positions > 0:
             if stream._first_token_time is None:

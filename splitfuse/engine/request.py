@@ -1,11 +1,14 @@
-"""Request: one sequence's state as the scheduler sees it — tokens known, tokens computed, blocks held."""
+"""Request: one sequence's state as the scheduler sees it — tokens known, tokens computed, blocks held.
+
+Plain data (no torch, no tokenizer): a request can be rebuilt from its ``EngineCoreRequest``
+and the tokens generated so far, which is what preemption, migration and a separate-process
+core need.
+"""
 
 from __future__ import annotations
 
 import enum
-from typing import Any, Optional
-
-import torch
+from typing import Optional
 
 from splitfuse.engine.kv_cache.hashing import BlockHash
 from splitfuse.sampling_params import SamplingParams
@@ -34,7 +37,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  *, arrival_time: float, max_tokens: int, priority: int = 0, arrival_order: int = 0,
-                 eos_token_ids: frozenset[int] = frozenset(), prefill_leader: Optional["Request"] = None,
+                 tenant: Optional[str] = None, prefill_leader_id: Optional[str] = None,
                  seed: Optional[int] = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -43,10 +46,11 @@ class Request:
         self.max_tokens = max_tokens
         self.priority = priority
         self.arrival_order = arrival_order
-        self.eos_token_ids = eos_token_ids
+        self.tenant = tenant
         # A sibling (n > 1) waits until its leader has computed the shared prompt,
         # then finds those blocks in the prefix cache instead of computing them again.
-        self.prefill_leader = prefill_leader
+        self.prefill_leader_id = prefill_leader_id
+        self.seed = seed  # the runner's generator for this sequence starts from it (None: the batch's)
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -56,16 +60,11 @@ class Request:
         self.block_hashes: list[BlockHash] = []
         self.num_preemptions = 0
         self.stop_reason: Optional[int | str] = None
-        self.generator: Optional[torch.Generator] = None
-        if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
-        # Filled by the engine: output logprobs, detokenizer, timings.
-        self.logprobs: list[Any] = []
-        self.cumulative_logprob = 0.0
-        self.detokenizer: Any = None
         self.first_scheduled_time: Optional[float] = None
-        self.first_token_time: Optional[float] = None
-        self.finished_time: Optional[float] = None
+        # What the runner holds of this request: None until it is sent whole; else how many tokens it knows.
+        self.num_tokens_in_runner: Optional[int] = None
+        self.num_blocks_in_runner = 0
+        self.known_to_runner = False  # the runner keeps state for it (a preempted one's generator too)
 
     @property
     def num_tokens(self) -> int:
@@ -82,11 +81,6 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
-
-    @property
-    def sort_key(self) -> tuple[int, int]:
-        """Lower runs first: priority value, then arrival (a preempted request keeps its place)."""
-        return (self.priority, self.arrival_order)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -3,76 +3,88 @@
 One control signal (Dynamic SplitFuse / Sarathi-Serve): ``max_num_batched_tokens``.
 A running request costs 1 token if it decodes, or its next prompt chunk; waiting
 requests fill what is left, a long prompt split over several steps. When KV blocks
-run out, the lowest-priority (then newest) unscheduled running request is preempted
-by recompute: its blocks are freed and it waits again, keeping its place and its
-generated tokens.
+run out, the policy's victim among the unscheduled running requests is preempted by
+recompute: its blocks are freed and it waits again, keeping its place and its tokens.
+
+``schedule`` returns a ``SchedulerOutput`` (plain data, ``splitfuse/step.py``);
+``update_from_output`` takes the runner's sampled tokens back, decides which are accepted
+(EOS, stop tokens, max_tokens, the context length: the one place these are checked) and
+returns what is new per request.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from splitfuse.config import SchedulerConfig
 from splitfuse.engine.kv_cache import KVCacheManager
+from splitfuse.engine.policy import SchedulingPolicy, make_policy
+from splitfuse.engine.protocol import EngineCoreOutput
 from splitfuse.engine.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    """What one step computes: requests in batch order, and how many new tokens each gets."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
+from splitfuse.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, *,
+                 eos_token_ids: frozenset[int] = frozenset(), max_model_len: Optional[int] = None,
+                 policy: Optional[SchedulingPolicy] = None) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.policy = policy or make_policy(config.policy)
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.running: list[Request] = []  # admission order
-        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.waiting: list[Request] = []  # sorted by the policy's sort_key
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # finished since the last schedule: the runner forgets them
 
     # -- queue management ---------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
         self._enqueue_waiting(request)
 
-    def finish_requests(self, requests: Iterable[Request], status: RequestStatus) -> None:
-        """Takes requests out of whichever queue holds them and frees their blocks (idempotent)."""
-        for request in requests:
-            if request in self.running:
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Takes requests out of whichever queue holds them and frees their blocks; unknown ids are ignored."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            elif request in self.waiting:
+            else:
                 self.waiting.remove(request)
             request.status = status
-            self.kv_cache.free(request)
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        if request.known_to_runner:
+            self._finished_ids.append(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.requests)
 
     def _enqueue_waiting(self, request: Request) -> None:
-        keys = [r.sort_key for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, request.sort_key), request)
+        keys = [self.policy.sort_key(r) for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self.policy.sort_key(request)), request)
 
     # -- one step -----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput()
+        output = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(output, budget)
-        if not output.preempted:
+        if not output.preempted_request_ids:
             self._schedule_waiting(output, budget)
         return output
 
@@ -83,8 +95,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, index, output):
                 break  # the request itself was preempted: nothing after it can run either
-            output.requests.append(request)
-            output.num_new_tokens.append(num_new)
+            self._add_to_output(output, request, num_new)
             budget -= num_new
             index += 1
         return budget
@@ -97,10 +108,9 @@ class Scheduler:
         so a preemption never takes back what this step already promised.
         """
         while not self.kv_cache.allocate_slots(request, num_new):
-            candidates = self.running[index:]
-            victim = max(candidates, key=lambda r: r.sort_key)
+            victim = self.policy.victim(self.running[index:])
             self._preempt(victim)
-            output.preempted.append(victim)
+            output.preempted_request_ids.append(victim.request_id)
             if victim is request:
                 return False
         return True
@@ -111,6 +121,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        request.num_tokens_in_runner = None  # it comes back to the runner whole
         self.num_preemptions += 1
         self._enqueue_waiting(request)
 
@@ -133,28 +144,90 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            output.requests.append(request)
-            output.num_new_tokens.append(num_new)
+            self._add_to_output(output, request, num_new)
             budget -= num_new
 
-    @staticmethod
-    def _leader_pending(request: Request) -> bool:
-        leader: Optional[Request] = request.prefill_leader
-        if leader is None:
+    def _add_to_output(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
+        """Records the request's share of the step, whole if the runner does not hold it, else as a diff."""
+        request_id = request.request_id
+        block_table = self.kv_cache.get_block_table(request_id)
+        if request.num_tokens_in_runner is None:
+            output.new_requests.append(NewRequestData(
+                request_id, request.prompt_token_ids, request.output_token_ids, request.params, list(block_table),
+                request.num_computed_tokens, request.seed))
+        else:
+            output.cached_requests.append(CachedRequestData(
+                request_id, request.all_token_ids[request.num_tokens_in_runner:],
+                block_table[request.num_blocks_in_runner:], request.num_computed_tokens))
+        request.num_tokens_in_runner = request.num_tokens
+        request.num_blocks_in_runner = len(block_table)
+        request.known_to_runner = True
+        output.num_scheduled_tokens[request_id] = num_new
+        if request.num_computed_tokens + num_new == request.num_tokens:
+            output.sampling_request_ids.append(request_id)
+
+    def _leader_pending(self, request: Request) -> bool:
+        leader_id = request.prefill_leader_id
+        if leader_id is None:
             return False
-        if leader.is_finished or leader.num_computed_tokens >= leader.num_prompt_tokens:
-            request.prefill_leader = None
+        leader = self.requests.get(leader_id)
+        if leader is None or leader.num_computed_tokens >= leader.num_prompt_tokens:
+            request.prefill_leader_id = None
             return False
         return True
 
     # -- after the forward pass ---------------------------------------------------
 
-    def update_computed(self, output: SchedulerOutput) -> list[Request]:
-        """Advances ``num_computed_tokens``; returns the requests that sample this step, in batch order."""
-        sampling = []
-        for request, num_new in zip(output.requests, output.num_new_tokens):
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                           now: float = 0.0) -> list[EngineCoreOutput]:
+        """Advances computed counts, accepts sampled tokens, finishes requests; returns what is new per request."""
+        for request_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue  # aborted while the step ran
             request.num_computed_tokens += num_new
             self.kv_cache.cache_computed_blocks(request)
-            if request.num_computed_tokens == request.num_tokens:
-                sampling.append(request)
-        return sampling
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        outputs = []
+        for row, request_id in enumerate(runner_output.request_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            outputs.append(self._accept_tokens(request, runner_output.sampled_token_ids[row],
+                                               runner_output.logprobs[row] if runner_output.logprobs else None))
+        return outputs
+
+    def _accept_tokens(self, request: Request, token_ids: list[int], logprobs) -> EngineCoreOutput:
+        """Appends tokens up to the first that ends the request (EOS, a stop token, the length limit)."""
+        accepted = 0
+        status = None
+        for token_id in token_ids:
+            request.append_output_token(token_id)
+            accepted += 1
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                break
+        first_output = request.num_output_tokens == accepted
+        output = EngineCoreOutput(
+            request.request_id, token_ids[:accepted], None if logprobs is None else logprobs[:accepted],
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            first_scheduled_time=request.first_scheduled_time if first_output else None)
+        if status is not None:
+            output.finish_reason, output.stop_reason = status.value, request.stop_reason
+            self.finish_requests([request.request_id], status)
+        return output
+
+    def _stop_status(self, request: Request, token_id: int) -> Optional[RequestStatus]:
+        """Checked after ``token_id`` was appended. EOS and stop tokens count once min_tokens are out."""
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in self.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if (request.num_output_tokens >= request.max_tokens
+                or (self.max_model_len is not None and request.num_tokens >= self.max_model_len)):
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TextIO
 
 from splitfuse.entrypoints.openai.cli_args import (CommandError, add_engine_flags, add_sampling_flags,
                                                    load_offline, model_help)
+from splitfuse.outputs import RequestOutputKind
 
 if TYPE_CHECKING:
     from splitfuse.entrypoints.llm import LLM
@@ -61,24 +62,23 @@ class ChatSession:
         return answer
 
     def _stream(self, prompt_token_ids: list[int]) -> Optional[str]:
-        from splitfuse.entrypoints.openai.serving_common import DeltaTracker
-
         engine = self.llm.engine
         request_id = f"chat-{next(self._request_ids)}"
-        engine.add_request(request_id, prompt_token_ids, self.params)
-        # Holds back a stop string still forming and an unfinished character, as the server's stream does.
-        tracker = DeltaTracker(1, self.params)
+        # DELTA text never holds a stop string still forming or an unfinished character.
+        engine.add_request(request_id, prompt_token_ids, self.params, output_kind=RequestOutputKind.DELTA)
+        pieces: list[str] = []
         try:
             while not self.stop_requested():
                 for output in engine.step():
                     if output.request_id != request_id:
                         continue
-                    delta = tracker.delta(0, output.outputs[0])
-                    if delta is not None and delta.text:
-                        self._write(delta.text)
+                    text = output.outputs[0].text
+                    if text:
+                        pieces.append(text)
+                        self._write(text)
                     if output.finished:
                         self._write("\n")
-                        return output.outputs[0].text
+                        return "".join(pieces)
             self._write(f"\n{STOPPED_NOTE}\n")
             return None
         finally:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from splitfuse.config import EngineConfig
 from splitfuse.engine.llm_engine import LLMEngine, PromptType
-from splitfuse.outputs import RequestOutput
+from splitfuse.outputs import RequestOutput, RequestOutputKind
 from splitfuse.sampling_params import SamplingParams
 
 Messages = list[dict[str, Any]]
@@ -51,7 +51,7 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = f"offline-{next(self._request_counter)}"
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, output_kind=RequestOutputKind.FINAL_ONLY)
                 request_ids.append(request_id)
         except Exception:
             self.engine.abort_request(request_ids)

@@ -1,31 +1,27 @@
-"""ModelRunner: turns a scheduled step into one forward over the flattened ragged batch, then samples."""
+"""ModelRunner: keeps a persistent copy of each scheduled request, runs one forward over the ragged batch, samples.
+
+It is fed only ``SchedulerOutput`` (``splitfuse/step.py``) and answers ``ModelRunnerOutput``;
+it imports nothing from ``engine/``. Which requests sample is the scheduler's call
+(``sampling_request_ids``); which sampled tokens are kept is the scheduler's too: the runner
+learns accepted tokens from the next step's ``CachedRequestData.new_token_ids``.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 
-from splitfuse.attention.backend import BatchLayout, allocate_kv_cache
 from splitfuse.attention.selector import select_attention_backend
-from splitfuse.engine.request import Request
 from splitfuse.layers.linear import padded_rows
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.loader import load_model
-from splitfuse.sample.sampler import Sampler, SamplerOutput, SamplingRow
+from splitfuse.sample.sampler import Sampler, SamplingRow
+from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
+from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
+from splitfuse.worker.kv_store import KVStore
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    """The requests that sampled this step (batch order) and what they drew."""
-
-    requests: list[Request]
-    sampler_output: Optional[SamplerOutput]
 
 
 class ModelRunner:
@@ -38,72 +34,60 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = select_attention_backend(attention_backend, arch, dtype, device, block_size, batch_invariant)
         self.model = load_model(model_path, arch, dtype, device, self.backend, batch_invariant)
-        self.kv_caches = allocate_kv_cache(arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
-                                           arch.head_dim, dtype, device)
+        self.kv_store = KVStore(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
+                                dtype, device)
         self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed)
+        self.requests: dict[str, RequestState] = {}
         # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
         self.model.warm_up(max_num_batched_tokens, max_num_seqs)
 
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.kv_store.layers
+
+    # -- the persistent batch ------------------------------------------------------------
+
+    def apply_kv_operations(self, operations: list[KVOperation]) -> None:
+        for operation in operations:
+            if operation.kind != "copy":
+                raise ValueError(f"KV operation {operation.kind!r} is not supported by this runner")
+            self.kv_store.copy_blocks(operation.src_block_ids, operation.dst_block_ids)
+
+    # -- one step -------------------------------------------------------------------------
+
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_new_tokens: list[int],
-                block_tables: list[list[int]]) -> StepResult:
-        """One forward over every scheduled token; samples for requests whose known tokens are now all computed."""
-        order = _batch_order(requests, num_new_tokens)
-        requests = [requests[i] for i in order]
-        query_lens = np.array([num_new_tokens[i] for i in order], dtype=np.int64)
-        block_tables = [block_tables[i] for i in order]
-        input_ids, positions, layout = self._prepare_inputs(requests, query_lens, block_tables)
-        metadata = self.backend.plan(layout, self.sliding_windows)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-
-        sampling = [i for i, r in enumerate(requests) if layout.context_lens[i] == r.num_tokens]
-        if not sampling:
-            return StepResult([], None)
-        last_rows = torch.from_numpy(layout.query_start_loc[1:][sampling] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
-        sampling_requests = [requests[i] for i in sampling]
-        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
-                for r in sampling_requests]
-        return StepResult(sampling_requests, self.sampler(logits, rows))
-
-    def _prepare_inputs(self, requests: list[Request], query_lens: np.ndarray,
-                        block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
-        num_reqs = len(requests)
-        starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
-        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])  # [2, 5, 3] -> [0, 2, 7, 10]
-        num_tokens = int(query_start_loc[-1])
-
-        token_ids: list[int] = []
-        for request, start, length in zip(requests, starts.tolist(), query_lens.tolist()):
-            token_ids.extend(request.all_token_ids[start:start + length])
-        # Token t of request i sits at position starts[i] + (t - query_start_loc[i]).
-        request_of_token = np.repeat(np.arange(num_reqs), query_lens)
-        positions = np.arange(num_tokens) + np.repeat(starts - query_start_loc[:-1], query_lens)
-
-        max_blocks = max(len(t) for t in block_tables)
-        table_array = np.zeros((num_reqs, max_blocks), dtype=np.int64)
-        for i, table in enumerate(block_tables):
-            table_array[i, :len(table)] = table
-        slots = (table_array[request_of_token, positions // self.block_size] * self.block_size
-                 + positions % self.block_size)
-
-        layout = BatchLayout(
-            query_lens=query_lens, context_lens=starts + query_lens, query_start_loc=query_start_loc,
-            block_tables=table_array, slot_mapping=torch.from_numpy(slots).to(self.device),
-            num_decodes=int(np.count_nonzero(query_lens == 1)), block_size=self.block_size)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward over every scheduled token; samples for the scheduler's sampling requests."""
+        update_states(self.requests, scheduler_output)
+        self.apply_kv_operations(scheduler_output.kv_operations)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        scheduled = scheduler_output.num_scheduled_tokens
+        states = [self.requests[request_id] for request_id in scheduled]
+        counts = list(scheduled.values())
+        order = batch_order(states, counts)
+        states = [states[i] for i in order]
+        query_lens = np.array([counts[i] for i in order], dtype=np.int64)
+        token_ids, positions, layout = prepare_inputs(states, query_lens, self.block_size)
+        layout.slot_mapping = layout.slot_mapping.to(self.device)
         if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
-            padding = padded_rows(num_tokens) - num_tokens
+            padding = padded_rows(len(token_ids)) - len(token_ids)
             token_ids.extend([0] * padding)
             positions = np.concatenate([positions, np.zeros(padding, dtype=positions.dtype)])
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        return input_ids, torch.from_numpy(positions).to(self.device), layout
+        metadata = self.backend.plan(layout, self.sliding_windows)
+        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), self.kv_caches, metadata)
 
-
-def _batch_order(requests: list[Request], num_new_tokens: list[int]) -> list[int]:
-    """Decodes first, shortest context first (the attention backend buckets them by length); then chunks."""
-    def key(i: int) -> tuple[bool, int]:
-        is_decode = num_new_tokens[i] == 1
-        return (not is_decode, requests[i].num_computed_tokens if is_decode else 0)
-    return sorted(range(len(requests)), key=key)
+        sampling_ids = set(scheduler_output.sampling_request_ids)
+        rows = [i for i, state in enumerate(states) if state.request_id in sampling_ids]
+        if not rows:
+            return ModelRunnerOutput()
+        last_rows = torch.from_numpy(layout.query_start_loc[1:][rows] - 1).to(self.device)
+        logits = self.model.compute_logits(hidden[last_rows])
+        sampling_states = [states[i] for i in rows]
+        sampled = self.sampler(logits, [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                                        for s in sampling_states])
+        return ModelRunnerOutput(
+            [s.request_id for s in sampling_states], [[token_id] for token_id in sampled.token_ids],
+            [None if lp is None else [lp] for lp in sampled.logprobs])

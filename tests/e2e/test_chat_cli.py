@@ -160,7 +160,7 @@ def test_a_stopped_answer_frees_its_kv_blocks_and_leaves_the_history_as_it_was(l
     assert full.startswith(partial) and 0 < len(partial) < len(full)
     assert session.messages == [user("Hello there"), assistant(first)]
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+    assert llm.engine.engine_core.scheduler.kv_cache.num_free_blocks == llm.engine.engine_core.scheduler.kv_cache.num_blocks
 
     too_long = [*session.messages, user("word " * 300)]
     num_tokens = len(llm.apply_chat_template(too_long))

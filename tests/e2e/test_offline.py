@@ -221,7 +221,7 @@ def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, reques
     # Padding is the speed mode's (batch invariance runs oneDNN at one row count, tests/models/test_batch_invariance.py).
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
                block_size=4, device="cpu", enable_prefix_caching=False, batch_invariant=False)
-    model = bf16.engine.runner.model
+    model = bf16.engine.engine_core.executor.runner.model
     assert model.pads_rows and isinstance(model.packed_logits, PackedLinear)
     seen_rows = []
     forward = model.forward
@@ -253,7 +253,7 @@ def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exa
     skip_without_amx()
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
                block_size=4, device="cpu", enable_prefix_caching=False)
-    model = bf16.engine.runner.model
+    model = bf16.engine.engine_core.executor.runner.model
     kinds = [type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, AmxLinear))]
     assert kinds == [AmxLinear] * num_linears and not model.pads_rows
     seen_rows = []
@@ -280,7 +280,7 @@ def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_
     # No prefix caching: the second run must schedule the same steps.
     llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,
               block_size=4, device="cpu", enable_prefix_caching=False)
-    model = llm.engine.runner.model
+    model = llm.engine.engine_core.executor.runner.model
     decoder = model.cpu_decoder
     assert decoder is not None
     fused_steps = []
@@ -307,4 +307,4 @@ def test_the_fused_cpu_decoder_gives_the_python_layers_results_bit_for_bit(ckpt_
 @pytest.mark.parametrize("ckpt_name", ["qwen3_ckpt", "mixtral_ckpt"])
 def test_q_k_norms_and_moe_keep_the_python_layers(ckpt_name, request):
     llm = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", device="cpu")
-    assert llm.engine.runner.model.cpu_decoder is None
+    assert llm.engine.engine_core.executor.runner.model.cpu_decoder is None

@@ -18,7 +18,7 @@ import pytest
 from splitfuse.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineStepError, EngineStoppedError,
                                            QueueFullError)
 from splitfuse.entrypoints.openai.server import ServerThread, build_app
-from splitfuse.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from splitfuse.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from splitfuse.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,7 +60,9 @@ class FakeEngine:
         self.calls_has_unfinished = 0
         self.thread_ids: set[int] = set()  # every thread that called into the engine
 
-    def add_request(self, request_id, prompt, params, arrival_time=None, priority=0) -> None:
+    def add_request(self, request_id, prompt, params, arrival_time=None, priority=0,
+                    output_kind=RequestOutputKind.CUMULATIVE) -> None:
+        assert output_kind == RequestOutputKind.DELTA  # what AsyncLLMEngine asks for
         self.thread_ids.add(threading.get_ident())
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -96,7 +98,8 @@ class FakeEngine:
             done = len(generated) >= params.max_tokens
             if done:
                 del self.requests[request_id]
-            completion = CompletionOutput(0, "".join(f"t{t} " for t in generated), list(generated),
+            # A DELTA output: this step's token and text only.
+            completion = CompletionOutput(0, f"t{generated[-1]} ", [generated[-1]],
                                           finish_reason="length" if done else None)
             outputs.append(RequestOutput(request_id, None, prompt, [completion], done,
                                          RequestMetrics(arrival_time=time.time())))

@@ -112,7 +112,7 @@ def test_portable_path_without_amx_is_batch_invariant_too(case, monkeypatch):
     monkeypatch.setenv("SPLITFUSE_DISABLE_AMX", "1")
     monkeypatch.setattr(load_cpu_kernels(), "has_amx", False)
     llm = LLM(model=case.model, max_num_batched_tokens=64, enable_prefix_caching=False)
-    assert llm.engine.runner.model.cpu_decoder is None
+    assert llm.engine.engine_core.executor.runner.model.cpu_decoder is None
     indices = list(range(24))
     alone = {i: token_ids(llm, [case.prompts[i]], GREEDY)[0] for i in (0, 2, 6, 12)}
     outputs = token_ids(llm, [case.prompts[i] for i in indices], GREEDY)
@@ -144,7 +144,7 @@ def test_mixtral_experts_alone_equal_inside_a_batch(tmp_path, tiny_tokenizer):
     path = checkpoint_factory.write_checkpoint(config, tmp_path / "mixtral", tokenizer=tiny_tokenizer,
                                                init_std=0.05)
     llm = LLM(model=path, dtype="bfloat16", max_num_batched_tokens=2048, enable_prefix_caching=False)
-    assert {layer.mlp.row_tile for layer in llm.engine.runner.model.layers} == {32}
+    assert {layer.mlp.row_tile for layer in llm.engine.engine_core.executor.runner.model.layers} == {32}
     prompts = prompts_for(llm.engine.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
 

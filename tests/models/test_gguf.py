@@ -126,11 +126,11 @@ def test_engine_greedy_tokens_equal_transformers_on_the_gguf_file(fixture, reque
 
 
 def test_config_from_gguf_metadata(mixed_llama_gguf, tied_qwen2_gguf):
-    llama = LLM(model=mixed_llama_gguf, dtype="float32").engine.setup.arch
+    llama = LLM(model=mixed_llama_gguf, dtype="float32").engine.resolved.arch
     assert (llama.architecture, llama.num_layers, llama.hidden_size, llama.num_heads, llama.num_kv_heads,
             llama.head_dim, llama.intermediate_size, llama.vocab_size, llama.tie_word_embeddings,
             llama.qkv_bias) == ("LlamaForCausalLM", 2, 256, 4, 2, 64, 512, VOCAB_SIZE, False, False)
-    qwen2 = LLM(model=tied_qwen2_gguf, dtype="float32").engine.setup.arch
+    qwen2 = LLM(model=tied_qwen2_gguf, dtype="float32").engine.resolved.arch
     assert (qwen2.architecture, qwen2.tie_word_embeddings, qwen2.qkv_bias) == ("Qwen2ForCausalLM", True, True)
 
 

@@ -46,7 +46,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(family_ckpt, params, kern
         pytest.skip("no C compiler for the CPU kernels")
     llm = LLM(model=family_ckpt, dtype="float32", max_num_batched_tokens=16, block_size=4)
     expected_backend = CpuPagedBackend if kernels == "cpu-kernels" else TorchNativeBackend
-    assert type(llm.engine.runner.backend) is expected_backend
+    assert type(llm.engine.engine_core.executor.runner.backend) is expected_backend
     prompts = _prompts(llm.engine.vocab_size)
     ref_tokens, ref_logprobs = _reference(family_ckpt, prompts)
 
@@ -62,7 +62,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(family_ckpt, params, kern
             assert sorted(entry) == sorted(set(top3.indices.tolist()) | {chosen})
             for token_id, logprob in entry.items():
                 assert logprob.logprob == pytest.approx(reference[token_id].item(), abs=1e-4)
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+    assert llm.engine.engine_core.scheduler.kv_cache.num_free_blocks == llm.engine.engine_core.scheduler.kv_cache.num_blocks
 
 
 def test_prefix_caching_on_and_off_give_identical_tokens(family_ckpt):
@@ -76,7 +76,7 @@ def test_prefix_caching_on_and_off_give_identical_tokens(family_ckpt):
         llm = LLM(model=family_ckpt, dtype="float32", max_num_batched_tokens=16, block_size=4,
                   enable_prefix_caching=caching)
         results[caching] = [llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-        hits = llm.engine.kv_cache.prefix_cache_hits
+        hits = llm.engine.engine_core.scheduler.kv_cache.prefix_cache_hits
         assert (hits > 0) == caching
     assert results[True] == results[False]
 

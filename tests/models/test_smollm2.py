@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from splitfuse import LLM, SamplingParams
-from splitfuse.engine.setup import load_tokenizer
+from splitfuse.engine.resolved_config import load_tokenizer
 from server_process import serve_process
 
 # Each question's greedy answer (bf16, the default dtype) must contain the fact.
@@ -52,11 +52,11 @@ def test_default_model_answers_facts(default_llm):
 
 
 def test_default_model_is_smollm2_from_its_gguf_file(default_llm):
-    arch = default_llm.engine.setup.arch
+    arch = default_llm.engine.resolved.arch
     assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
             arch.vocab_size, arch.tie_word_embeddings, arch.rope_theta) == (30, 576, 9, 3, 64, 49152, True, 1e5)
-    assert default_llm.engine.setup.dtype == torch.bfloat16
-    assert default_llm.engine.eos_token_ids == frozenset({2})  # <|im_end|>
+    assert default_llm.engine.resolved.dtype == torch.bfloat16
+    assert default_llm.engine.resolved.eos_token_ids == frozenset({2})  # <|im_end|>
 
 
 def _transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:

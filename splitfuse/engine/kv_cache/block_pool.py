@@ -6,6 +6,7 @@ from collections import OrderedDict
 from typing import Iterable, Optional
 
 from splitfuse.engine.kv_cache.hashing import BlockHash
+from splitfuse.engine.protocol import BlockRemoved, BlockStored, KVEvent
 
 
 class BlockPool:
@@ -17,6 +18,9 @@ class BlockPool:
     until it reaches the front and is reused; a cache hit on a free block takes it
     out of the queue. Callers free a request's blocks tail first, so a request's
     last blocks (least likely to be shared) are evicted before its first ones.
+
+    Every change to the prefix cache is recorded as a KV event (``take_events``), in order,
+    for a router's prefix index.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
@@ -28,6 +32,7 @@ class BlockPool:
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        self._events: list[KVEvent] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,7 +73,27 @@ class BlockPool:
             if self.ref_cnt[block_id] == 0:
                 self._free[block_id] = None
 
-    def cache_block(self, block_id: int, block_hash: BlockHash) -> None:
+    def take_events(self) -> list[KVEvent]:
+        """The KV events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def take_free_blocks(self, block_ids: list[int]) -> None:
+        """Takes these free blocks out of the queue with one reference each (their hashes evicted):
+        their KV is about to be written from outside (``KVCacheManager.adopt``)."""
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks or self.ref_cnt[block_id] != 0:
+                raise ValueError(f"block {block_id} is not a free block of this pool")
+        for block_id in block_ids:
+            del self._free[block_id]
+            self._evict(block_id)
+            self.ref_cnt[block_id] = 1
+
+    def uncache_block(self, block_id: int) -> None:
+        """Drops a block's hash (its contents are about to change); it stays allocated."""
+        self._evict(block_id)
+
+    def cache_block(self, block_id: int, block_hash: BlockHash, parent: Optional[BlockHash] = None) -> None:
         """Marks a full, computed block as holding the prefix ``block_hash``.
 
         If another block already holds that prefix, the first one stays the
@@ -80,12 +105,14 @@ class BlockPool:
             return
         self.block_hash[block_id] = block_hash
         self._cached[block_hash] = block_id
+        self._events.append(BlockStored([block_hash], [block_id], parent))
 
     def _evict(self, block_id: int) -> None:
         block_hash = self.block_hash[block_id]
         if block_hash is not None:
             del self._cached[block_hash]
             self.block_hash[block_id] = None
+            self._events.append(BlockRemoved([block_hash]))
 
     def reset_prefix_cache(self) -> None:
         """Forgets every hash of a free block (e.g. after weights change)."""

@@ -96,8 +96,63 @@ class KVCacheManager:
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         start = self._num_cached_blocks.get(request.request_id, 0)
         for index in range(start, num_full):
-            self.pool.cache_block(table[index], request.block_hashes[index])
+            parent = request.block_hashes[index - 1] if index else None
+            self.pool.cache_block(table[index], request.block_hashes[index], parent)
         self._num_cached_blocks[request.request_id] = max(start, num_full)
+
+    def adopt(self, request: Request, block_ids: list[int], num_computed_tokens: int) -> None:
+        """Gives a request KV computed elsewhere (received, migrated) in these free blocks of this pool.
+
+        The blocks become the request's whole block table, in order, and its first
+        ``num_computed_tokens`` tokens count as computed; their full blocks enter the prefix
+        cache. Raises ValueError, changing nothing, if the request holds blocks already, a
+        block is not free, or the blocks cannot hold the tokens.
+        """
+        if self.block_tables.get(request.request_id):
+            raise ValueError(f"request {request.request_id!r} already holds blocks")
+        if not 0 <= num_computed_tokens <= request.num_tokens:
+            raise ValueError(f"num_computed_tokens {num_computed_tokens} is outside [0, {request.num_tokens}]")
+        if len(set(block_ids)) != len(block_ids) or self.blocks_needed(num_computed_tokens) > len(block_ids):
+            raise ValueError(f"{len(block_ids)} distinct blocks are needed to hold {num_computed_tokens} tokens, "
+                             f"got {block_ids}")
+        self.pool.take_free_blocks(block_ids)
+        self.block_tables[request.request_id] = list(block_ids)
+        request.num_computed_tokens = num_computed_tokens
+        self.cache_computed_blocks(request)
+
+    def truncate(self, request: Request, num_tokens: int) -> list[int]:
+        """Forgets the request's tokens from ``num_tokens`` on (rejected draft tokens, a rollback).
+
+        Its computed count drops to at most ``num_tokens``; blocks past the last one still
+        needed are freed (returned, tail first); a cached block that would be written again
+        loses its hash. Raises ValueError if that block is shared with another request, or
+        if ``num_tokens`` would cut into the prompt.
+        """
+        if not request.num_prompt_tokens <= num_tokens <= request.num_tokens:
+            raise ValueError(f"cannot truncate {request.request_id!r} to {num_tokens} tokens: it has "
+                             f"{request.num_prompt_tokens} prompt and {request.num_output_tokens} output tokens")
+        table = self.block_tables.get(request.request_id, [])
+        keep_blocks = self.blocks_needed(num_tokens)
+        partial = num_tokens // self.block_size  # the block holding token num_tokens, if kept
+        if partial < min(keep_blocks, len(table)) and self.pool.block_hash[table[partial]] is not None:
+            if self.pool.ref_cnt[table[partial]] > 1:
+                raise ValueError(f"block {table[partial]} is shared with another request and cannot be rewritten")
+            self.pool.uncache_block(table[partial])
+        freed = table[keep_blocks:]
+        del table[keep_blocks:]
+        self.pool.free(reversed(freed))
+        del request.all_token_ids[num_tokens:]
+        del request.output_token_ids[num_tokens - request.num_prompt_tokens:]
+        del request.block_hashes[num_tokens // self.block_size:]
+        request.num_computed_tokens = min(request.num_computed_tokens, num_tokens)
+        if request.request_id in self._num_cached_blocks:
+            self._num_cached_blocks[request.request_id] = min(self._num_cached_blocks[request.request_id],
+                                                              num_tokens // self.block_size)
+        return list(reversed(freed))
+
+    def take_events(self) -> list:
+        """The prefix cache's KV events since the last call (``protocol.BlockStored`` / ``BlockRemoved``)."""
+        return self.pool.take_events()
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, last block first (so it is evicted first)."""

@@ -130,7 +130,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, request_id: str, model_name: str, created: int, request: ChatCompletionRequest,
                       params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
-        tracker = DeltaTracker(request.n, params)
+        tracker = DeltaTracker(request.n)
         final: Optional[RequestOutput] = None
         include_usage = request.stream_options is not None and request.stream_options.include_usage
 

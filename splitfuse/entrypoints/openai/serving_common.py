@@ -24,7 +24,6 @@ from splitfuse.sampling_params import SamplingParams
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
-_REPLACEMENT_CHAR = "\ufffd"
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | frozenset(
     {"prompt", "messages", "model", "max_completion_tokens", "top_logprobs"})
 
@@ -275,40 +274,32 @@ class Delta:
 
 
 class DeltaTracker:
-    """Turns cumulative outputs into what is new since the last send, per choice.
+    """What is new per choice since the last send, from a RequestStream's cumulative outputs.
 
-    While a choice runs, the last ``len(longest stop string) - 1`` characters are held
-    back (they could still turn out to start a stop string that the engine will cut), and
-    so is a trailing U+FFFD (the engine's stand-in for a character whose bytes are incomplete).
+    The stream's text never ends in a partial stop string or an unfinished character (the
+    engine holds those back), so everything past what was sent can go out at once.
     """
 
-    def __init__(self, num_choices: int, params: SamplingParams) -> None:
+    def __init__(self, num_choices: int) -> None:
         self._sent_chars = [0] * num_choices
         self._sent_tokens = [0] * num_choices
         self._finished = [False] * num_choices
-        stops = params.stop_strings
-        self._hold_back_chars = 0 if (not stops or params.include_stop_str_in_output) else max(map(len, stops)) - 1
 
     def delta(self, slot: int, completion: CompletionOutput) -> Optional[Delta]:
         """What to send for choice ``slot`` now; None when there is nothing new."""
         if self._finished[slot]:
             return None
         finished = completion.finish_reason is not None
-        text = completion.text
-        end = len(text)
-        if not finished:
-            # A trailing U+FFFD is an incomplete character that the next token may still complete.
-            end = max(self._sent_chars[slot], len(text.rstrip(_REPLACEMENT_CHAR)) - self._hold_back_chars)
-        new_text = text[self._sent_chars[slot]:end]
+        new_text = completion.text[self._sent_chars[slot]:]
         first = self._sent_tokens[slot]
         new_tokens = completion.token_ids[first:]
         if not new_text and not new_tokens and not finished:
             return None
-        self._sent_chars[slot] = end
-        self._sent_tokens[slot] = len(completion.token_ids)
+        self._sent_chars[slot] = len(completion.text)
+        self._sent_tokens[slot] = first + len(new_tokens)
         self._finished[slot] = finished
-        logprobs = None if completion.logprobs is None else completion.logprobs[first:]
-        return Delta(new_text, list(new_tokens), logprobs, completion.finish_reason, completion.stop_reason)
+        logprobs = None if completion.logprobs is None else completion.logprobs[first:first + len(new_tokens)]
+        return Delta(new_text, new_tokens, logprobs, completion.finish_reason, completion.stop_reason)
 
     def all_finished(self) -> bool:
         return all(self._finished)

@@ -126,7 +126,7 @@ class OpenAIServingCompletion(OpenAIServing):
                       params: SamplingParams, prompts: list[Prompt],
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         n = request.n
-        tracker = DeltaTracker(len(prompts) * n, params)
+        tracker = DeltaTracker(len(prompts) * n)
         text_offsets = [0] * (len(prompts) * n)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         echo_pending = [request.echo] * (len(prompts) * n)  # each choice starts with the prompt once

@@ -1,4 +1,4 @@
-"""Resolves an EngineConfig against the checkpoint: paths, tokenizer, dtype, device, context length, KV pool size."""
+"""ResolvedConfig: an EngineConfig read against its checkpoint — path, tokenizer, dtype, device, context length, KV pool size."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 @dataclass(frozen=True)
-class EngineSetup:
+class ResolvedConfig:
     model_path: str
     tokenizer: PreTrainedTokenizerBase
     arch: ArchConfig
@@ -33,7 +33,7 @@ class EngineSetup:
     eos_token_ids: frozenset[int]
 
 
-def resolve_setup(config: EngineConfig) -> EngineSetup:
+def resolve_config(config: EngineConfig) -> ResolvedConfig:
     model_path = resolve_model(config.model.model, config.model.dtype).path
     arch = ArchConfig.from_dir(model_path)
     tokenizer = load_tokenizer(config.model.tokenizer or model_path)
@@ -46,7 +46,7 @@ def resolve_setup(config: EngineConfig) -> EngineSetup:
                              f"max_position_embeddings {arch.max_position_embeddings}")
         max_model_len = config.model.max_model_len
     num_blocks = _num_blocks(config, arch, dtype, max_model_len)
-    return EngineSetup(model_path, tokenizer, arch, dtype, device, max_model_len, num_blocks,
+    return ResolvedConfig(model_path, tokenizer, arch, dtype, device, max_model_len, num_blocks,
                        _eos_token_ids(model_path, arch, tokenizer))
 
 

@@ -1,0 +1,75 @@
+"""InputProcessor: a user's prompt and SamplingParams -> validated ``EngineCoreRequest``s (one per choice).
+
+The frontend half of admission: tokenizing, vocabulary and context-length checks, resolving
+max_tokens, fanning ``n`` out into a leader and its siblings. The core's own checks (duplicate
+ids, waiting-queue limits) happen when it takes the requests.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Union
+
+from splitfuse.engine.protocol import EngineCoreRequest
+from splitfuse.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int]]
+
+
+def prompt_too_long_message(num_prompt_tokens: int, max_model_len: int) -> str:
+    return (f"prompt has {num_prompt_tokens} tokens, but the model's context length (max_model_len) "
+            f"is {max_model_len}")
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, max_num_tokens_in_cache: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_num_tokens_in_cache = max_num_tokens_in_cache
+
+    def encode_prompt(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary (size {self.vocab_size})")
+        return token_ids
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """max_tokens as given, or all the context left; raises if the request cannot fit."""
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(prompt_too_long_message(num_prompt_tokens, self.max_model_len))
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                             f"{num_prompt_tokens + max_tokens} exceeds the model's context length "
+                             f"(max_model_len) of {self.max_model_len}")
+        if num_prompt_tokens + max_tokens > self.max_num_tokens_in_cache:
+            raise ValueError(f"request needs up to {num_prompt_tokens + max_tokens} tokens of KV cache, "
+                             f"but the whole cache holds {self.max_num_tokens_in_cache}")
+        return max_tokens
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                arrival_time: Optional[float] = None, priority: int = 0,
+                tenant: Optional[str] = None) -> tuple[list[int], list[EngineCoreRequest]]:
+        """(prompt token ids, the core requests): ``request_id`` itself for n == 1, else ``request_id#i``."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet")
+        params.validate_for_vocab(self.vocab_size)
+        prompt_token_ids = self.encode_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params)
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        requests = [EngineCoreRequest(
+            sequence_id, prompt_token_ids, params, arrival_time, max_tokens, priority, tenant,
+            seed=None if params.seed is None else params.seed + index,
+            prefill_leader_id=ids[0] if index else None) for index, sequence_id in enumerate(ids)]
+        return prompt_token_ids, requests

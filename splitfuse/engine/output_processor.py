@@ -1,0 +1,182 @@
+"""OutputProcessor: the frontend half of output handling — detokenize, stop strings, logprob text, n grouping.
+
+It turns each step's ``EngineCoreOutputs`` (token ids only) into ``RequestOutput``s, with
+work proportional to the new tokens: each sequence's lists grow in place, a DELTA output
+carries only what is new, a FINAL_ONLY request builds one output at the end. A stop string
+ends a sequence here; ``process`` returns its id so the caller aborts it in the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from splitfuse.engine.detokenizer import IncrementalDetokenizer
+from splitfuse.engine.protocol import EngineCoreOutput, EngineCoreOutputs
+from splitfuse.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
+from splitfuse.sampling_params import SamplingParams
+from splitfuse.step import TokenLogprobs
+
+
+@dataclass
+class _Sequence:
+    """One of a request's ``n`` sequences (its core request id is ``sequence_id``)."""
+
+    sequence_id: str
+    index: int
+    params: SamplingParams
+    detokenizer: Optional[IncrementalDetokenizer]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None
+    num_sent_tokens: int = 0  # DELTA: tokens already handed out
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    output_kind: RequestOutputKind
+    sequences: list[_Sequence]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
+
+
+@dataclass
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput]
+    sequences_to_abort: list[str]  # ended by a stop string here; the core still runs them
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._groups: dict[str, _Group] = {}
+        self._sequences: dict[str, tuple[_Group, _Sequence]] = {}  # core request id -> its group and sequence
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, sequence_ids: list[str], arrival_time: float,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+        sequences = []
+        for index, sequence_id in enumerate(sequence_ids):
+            detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+                           if params.detokenize and self.tokenizer is not None else None)
+            wants_logprobs = params.logprobs is not None
+            sequences.append(_Sequence(sequence_id, index, params, detokenizer,
+                                       logprobs=[] if wants_logprobs else None,
+                                       cumulative_logprob=0.0 if wants_logprobs else None))
+        group = _Group(request_id, prompt, prompt_token_ids, output_kind, sequences,
+                       RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids)))
+        self._groups[request_id] = group
+        for sequence in sequences:
+            self._sequences[sequence.sequence_id] = (group, sequence)
+
+    def remove_request(self, request_id: str) -> list[str]:
+        """Forgets a request (aborted by its caller); returns its sequences' core ids."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return []
+        for sequence in group.sequences:
+            self._sequences.pop(sequence.sequence_id, None)
+        return [s.sequence_id for s in group.sequences]
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._groups
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    def process(self, core_outputs: EngineCoreOutputs) -> ProcessedOutputs:
+        now = core_outputs.timestamp
+        changed: dict[str, _Group] = {}
+        to_abort: list[str] = []
+        for output in core_outputs.outputs:
+            entry = self._sequences.get(output.request_id)
+            if entry is None:
+                continue  # aborted after the core had stepped it
+            group, sequence = entry
+            if sequence.finished:
+                continue
+            self._update_sequence(group, sequence, output, now)
+            if sequence.finish_reason is not None and output.finish_reason is None:
+                to_abort.append(sequence.sequence_id)
+            changed[group.request_id] = group
+        request_outputs = []
+        for group in changed.values():
+            request_output = self._make_output(group, now)
+            if request_output is not None:
+                request_outputs.append(request_output)
+        return ProcessedOutputs(request_outputs, to_abort)
+
+    def _update_sequence(self, group: _Group, sequence: _Sequence, output: EngineCoreOutput, now: float) -> None:
+        metrics = group.metrics
+        if output.first_scheduled_time is not None and metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = output.first_scheduled_time
+        if output.new_token_ids and metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.num_cached_tokens = max(metrics.num_cached_tokens, output.num_cached_tokens)
+        token_ids = output.new_token_ids
+        params = sequence.params
+        # A token that ends the request in the core (EOS, a stop token) stays in token_ids, not in the text.
+        num_to_decode = len(token_ids) - (1 if output.finish_reason == "stop" else 0)
+        for position, token_id in enumerate(token_ids):
+            sequence.token_ids.append(token_id)
+            if output.new_logprobs is not None and sequence.logprobs is not None:
+                self._append_logprobs(sequence, token_id, output.new_logprobs[position])
+            if position < num_to_decode and sequence.detokenizer is not None:
+                stop_string = sequence.detokenizer.update([token_id])
+                if stop_string is not None and len(sequence.token_ids) >= params.min_tokens:
+                    sequence.finish_reason, sequence.stop_reason = "stop", stop_string
+                    return  # the sequence ends at this token; any later ones of this step are dropped
+        if output.finish_reason is not None:
+            sequence.finish_reason, sequence.stop_reason = output.finish_reason, output.stop_reason
+
+    def _append_logprobs(self, sequence: _Sequence, token_id: int, logprobs: TokenLogprobs) -> None:
+        chosen_logprob, chosen_rank, top_ids, top_logprobs = logprobs
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
+        entries = {tid: Logprob(lp, rank + 1, decode([tid]))
+                   for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs))}
+        entries.setdefault(token_id, Logprob(chosen_logprob, chosen_rank, decode([token_id])))
+        sequence.logprobs.append({token_id: entries.pop(token_id), **entries})
+        sequence.cumulative_logprob += chosen_logprob
+
+    def _make_output(self, group: _Group, now: float) -> Optional[RequestOutput]:
+        finished = group.finished
+        kind = group.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = [self._completion(sequence, kind) for sequence in group.sequences]
+        if finished:
+            group.metrics.finished_time = now
+            self.remove_request(group.request_id)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
+                             group.metrics, num_cached_tokens=group.metrics.num_cached_tokens)
+
+    @staticmethod
+    def _completion(sequence: _Sequence, kind: RequestOutputKind) -> CompletionOutput:
+        detokenizer = sequence.detokenizer
+        if kind == RequestOutputKind.DELTA:
+            start, sequence.num_sent_tokens = sequence.num_sent_tokens, len(sequence.token_ids)
+            text = detokenizer.get_next_output_text(sequence.finished, delta=True) if detokenizer else ""
+            token_ids = sequence.token_ids[start:]
+            logprobs = None if sequence.logprobs is None else sequence.logprobs[start:]
+        else:
+            text = detokenizer.output_text if detokenizer is not None else ""
+            token_ids, logprobs = sequence.token_ids, sequence.logprobs
+        return CompletionOutput(index=sequence.index, text=text, token_ids=token_ids, logprobs=logprobs,
+                                cumulative_logprob=sequence.cumulative_logprob,
+                                finish_reason=sequence.finish_reason, stop_reason=sequence.stop_reason)
