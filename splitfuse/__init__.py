@@ -7,7 +7,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so `import splitfuse.benchmark` stays light (no torch, no transformers).
+    # Imported on first use, so `import splitfuse.bench` stays light (no torch, no transformers).
     if name == "LLM":
         from splitfuse.entrypoints.llm import LLM
         return LLM

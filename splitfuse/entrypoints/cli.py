@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from splitfuse.benchmark.cli import add_bench_parser
+    from splitfuse.bench.cli import add_bench_parser
     from splitfuse.entrypoints.chat import add_chat_parser
     from splitfuse.entrypoints.convert import add_convert_parser
     from splitfuse.entrypoints.openai.cli_args import add_generate_parser, add_serve_parser

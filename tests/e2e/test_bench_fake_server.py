@@ -21,7 +21,7 @@ pytest.importorskip("aiohttp")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from splitfuse.benchmark.cli import main  # noqa: E402
+from splitfuse.bench.cli import main  # noqa: E402
 
 
 def make_app(mode: str, token_delay_s: float) -> FastAPI:
@@ -118,7 +118,7 @@ def test_closed_loop_run_saves_json_and_png_with_exact_token_counts(tmp_path):
     assert code == 0
     assert json_path.with_suffix(".png").stat().st_size > 0
     assert report["server"]["version"] == "fake-0.1"
-    assert report["command"][:4] == ["python", "-m", "splitfuse.benchmark", "serve"]
+    assert report["command"][:4] == ["python", "-m", "splitfuse.bench", "serve"]
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["python"]
     [point] = report["points"]
     assert point["sweep_parameter"] == "concurrency" and point["sweep_value"] == 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from splitfuse.benchmark.cli import main
+from splitfuse.bench.cli import main
 from server_process import free_port, serve_process
 
 pytestmark = pytest.mark.timeout(300)

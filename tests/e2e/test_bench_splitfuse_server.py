@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from splitfuse.benchmark.cli import main
+from splitfuse.bench.cli import main
 from splitfuse.config import EngineConfig
 from splitfuse.engine.async_engine import AsyncLLMEngine
 from splitfuse.entrypoints.openai.server import ServerThread, build_app

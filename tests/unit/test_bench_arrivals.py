@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from splitfuse.benchmark.arrivals import (
+from splitfuse.bench.arrivals import (
     ArrivalConfig,
     gamma_intervals,
     load_trace,
     poisson_intervals,
     send_offsets,
 )
-from splitfuse.benchmark.sweep import sweep_arrivals
-from splitfuse.benchmark.workloads import (
+from splitfuse.bench.sweep import sweep_arrivals
+from splitfuse.bench.workloads import (
     LengthDist,
     WorkloadConfig,
     build_sessions,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from splitfuse.benchmark.metrics import (
+from splitfuse.bench.metrics import (
     Slo,
     effective_throughput,
     ema,
@@ -17,8 +17,8 @@ from splitfuse.benchmark.metrics import (
     slo_attainment,
     summarize,
 )
-from splitfuse.benchmark.records import RequestRecord
-from splitfuse.benchmark.sweep import search_goodput
+from splitfuse.bench.records import RequestRecord
+from splitfuse.bench.sweep import search_goodput
 
 
 def record(send, tokens, output_tokens=None, prompt_tokens=512, error=None, request_id=0):

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
-from splitfuse.benchmark.arrivals import ArrivalConfig, TraceEntry
-from splitfuse.benchmark.client import ServerTarget, fetch_server_version, run_load
-from splitfuse.benchmark.metrics import Slo, summarize
-from splitfuse.benchmark.records import RequestRecord
-from splitfuse.benchmark.report import build_report, print_table, result_stem, save_report
-from splitfuse.benchmark.sweep import search_goodput, sweep_arrivals, sweep_parameter_name
-from splitfuse.benchmark.workloads import Session, WorkloadConfig
+from splitfuse.bench.arrivals import ArrivalConfig, TraceEntry
+from splitfuse.bench.client import ServerTarget, fetch_server_version, run_load
+from splitfuse.bench.metrics import Slo, summarize
+from splitfuse.bench.records import RequestRecord
+from splitfuse.bench.report import build_report, print_table, result_stem, save_report
+from splitfuse.bench.sweep import search_goodput, sweep_arrivals, sweep_parameter_name
+from splitfuse.bench.workloads import Session, WorkloadConfig
 
 
 @dataclass
@@ -110,7 +110,7 @@ class ServeRun:
         print_table(report)
         print(f"results: {json_path}")
         if self.plot:
-            from splitfuse.benchmark.plots import plot_reports
+            from splitfuse.bench.plots import plot_reports
 
             print(f"plot: {plot_reports([report], self.output_dir / f'{stem}.png', title=f'{label}: {detail}')}")
         succeeded = sum(point["metrics"]["num_succeeded"] for point in points)

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from splitfuse.benchmark.metrics import latency_stats
-from splitfuse.benchmark.workloads import Session, flatten
+from splitfuse.bench.metrics import latency_stats
+from splitfuse.bench.workloads import Session, flatten
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from splitfuse.benchmark.arrivals import ArrivalConfig
-from splitfuse.benchmark.metrics import GOODPUT_ATTAINMENT, Slo, slo_attainment
-from splitfuse.benchmark.records import RequestRecord
+from splitfuse.bench.arrivals import ArrivalConfig
+from splitfuse.bench.metrics import GOODPUT_ATTAINMENT, Slo, slo_attainment
+from splitfuse.bench.records import RequestRecord
 
 
 def sweep_arrivals(base: ArrivalConfig, values: Sequence[float]) -> list[ArrivalConfig]:

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from splitfuse.benchmark.records import RequestRecord
+from splitfuse.bench.records import RequestRecord
 
 # FastGen's prefill SLA: a prompt of P tokens may take P / 512 seconds to first token.
 FASTGEN_PROMPT_TOKENS_PER_S = 512.0

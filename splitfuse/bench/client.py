@@ -22,10 +22,10 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from splitfuse.benchmark.arrivals import ArrivalConfig, TraceEntry, send_offsets
-from splitfuse.benchmark.metrics import run_duration_s
-from splitfuse.benchmark.records import RequestRecord
-from splitfuse.benchmark.workloads import RequestSpec, Session
+from splitfuse.bench.arrivals import ArrivalConfig, TraceEntry, send_offsets
+from splitfuse.bench.metrics import run_duration_s
+from splitfuse.bench.records import RequestRecord
+from splitfuse.bench.workloads import RequestSpec, Session
 
 ENDPOINTS = ("completions", "chat")
 

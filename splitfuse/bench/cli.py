@@ -8,12 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from splitfuse.benchmark.arrivals import ARRIVAL_KINDS, ArrivalConfig, load_trace
-from splitfuse.benchmark.metrics import FASTGEN_TARGET_RATES, Slo
-from splitfuse.benchmark.workloads import WORKLOAD_KINDS, LengthDist, WorkloadConfig, attach_text, build_sessions
+from splitfuse.bench.arrivals import ARRIVAL_KINDS, ArrivalConfig, load_trace
+from splitfuse.bench.metrics import FASTGEN_TARGET_RATES, Slo
+from splitfuse.bench.workloads import WORKLOAD_KINDS, LengthDist, WorkloadConfig, attach_text, build_sessions
 
 if TYPE_CHECKING:
-    from splitfuse.benchmark.serve_run import ServeRun
+    from splitfuse.bench.serve_run import ServeRun
 
 EXAMPLES = """examples:
   splitfuse bench serve --base-url http://127.0.0.1:8000 --arrival closed --concurrency 8
@@ -144,8 +144,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 def serve_run_from_args(args: argparse.Namespace) -> "ServeRun":
     """A validated ServeRun; raises ValueError naming the flag when arguments do not fit together."""
-    from splitfuse.benchmark.client import ServerTarget, fetch_first_model
-    from splitfuse.benchmark.serve_run import ServeRun
+    from splitfuse.bench.client import ServerTarget, fetch_first_model
+    from splitfuse.bench.serve_run import ServeRun
 
     if args.endpoint == "chat" and args.prompt_format != "text":
         raise ValueError("--endpoint chat sends text: add --prompt-format text --tokenizer PATH")
@@ -189,9 +189,9 @@ def _load_tokenizer(path: str) -> Any:
 
 
 def run_offline_command(args: argparse.Namespace) -> int:
-    from splitfuse.benchmark.offline import OfflineConfig, run_offline
+    from splitfuse.bench.offline import OfflineConfig, run_offline
     from splitfuse.models.sources import DEFAULT_MODEL_NAME
-    from splitfuse.benchmark.report import build_report, print_table, result_stem, save_report
+    from splitfuse.bench.report import build_report, print_table, result_stem, save_report
 
     workload = workload_from_args(args)
     config = OfflineConfig(model=args.model, dtype=args.dtype,
@@ -207,8 +207,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
 
 
 def run_plot_command(args: argparse.Namespace) -> int:
-    from splitfuse.benchmark.plots import plot_reports
-    from splitfuse.benchmark.report import load_report
+    from splitfuse.bench.plots import plot_reports
+    from splitfuse.bench.report import load_report
 
     reports = [load_report(path) for path in args.files]
     labels = args.labels.split(",") if args.labels else None
@@ -220,13 +220,13 @@ def run_plot_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m splitfuse.benchmark {serve,offline,plot} ...``"""
-    parser = argparse.ArgumentParser(prog="python -m splitfuse.benchmark", epilog=EXAMPLES,
+    """``python -m splitfuse.bench {serve,offline,plot} ...``"""
+    parser = argparse.ArgumentParser(prog="python -m splitfuse.bench", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_subcommands(parser)
     args = parser.parse_args(argv)
     if argv is not None:
-        args.command_line = ["python", "-m", "splitfuse.benchmark", *argv]
+        args.command_line = ["python", "-m", "splitfuse.bench", *argv]
     return args.func(args)
 
 

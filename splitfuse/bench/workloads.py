@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from splitfuse.benchmark.arrivals import TraceEntry
+from splitfuse.bench.arrivals import TraceEntry
 
 WORKLOAD_KINDS = ("synthetic", "shared-prefix", "multi-turn")
 LENGTH_KINDS = ("fixed", "uniform", "normal")
