@@ -16,7 +16,7 @@ import logging
 from typing import Iterable, Optional
 
 from splitfuse.config import EngineConfig
-from splitfuse.engine.clock import Clock, WallClock
+from splitfuse.clock import Clock, WallClock
 from splitfuse.engine.kv_cache import KVCacheManager
 from splitfuse.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from splitfuse.engine.request import Request, RequestStatus
@@ -107,7 +107,10 @@ class EngineCore:
         """schedule -> execute -> update; the outputs of requests that got tokens (or finished)."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            if scheduler_output.finished_request_ids:  # let the runner forget them anyway
+            # The runner's copies follow from every message: it still hears of finished and preempted
+            # requests and KV operations when no token is computed.
+            if (scheduler_output.finished_request_ids or scheduler_output.preempted_request_ids
+                    or scheduler_output.kv_operations):
                 self.executor.execute_model(scheduler_output)
             return EngineCoreOutputs(timestamp=self.clock.now(), kv_events=self.scheduler.kv_cache.take_events(),
                                      scheduler_stats=self.stats())

@@ -94,7 +94,9 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, index, output):
-                break  # the request itself was preempted: nothing after it can run either
+                # The request was its own victim (it left self.running, so index is the next one). Running
+                # order is admission order, not the policy's: the ones after it may rank higher, and fit now.
+                continue
             self._add_to_output(output, request, num_new)
             budget -= num_new
             index += 1
@@ -152,9 +154,10 @@ class Scheduler:
         request_id = request.request_id
         block_table = self.kv_cache.get_block_table(request_id)
         if request.num_tokens_in_runner is None:
+            # Copies: a message must not change after it is sent (the request's lists keep growing).
             output.new_requests.append(NewRequestData(
-                request_id, request.prompt_token_ids, request.output_token_ids, request.params, list(block_table),
-                request.num_computed_tokens, request.seed))
+                request_id, request.prompt_token_ids, list(request.output_token_ids), request.params,
+                list(block_table), request.num_computed_tokens, request.seed))
         else:
             output.cached_requests.append(CachedRequestData(
                 request_id, request.all_token_ids[request.num_tokens_in_runner:],

@@ -7,6 +7,7 @@ from splitfuse.engine.kv_cache import KVCacheManager
 from splitfuse.engine.request import Request, RequestStatus
 from splitfuse.engine.scheduler import Scheduler
 from splitfuse.sampling_params import SamplingParams
+from splitfuse.step import ModelRunnerOutput
 
 FAKE_TOKEN = 7
 
@@ -25,13 +26,15 @@ def add(scheduler, request_id, num_prompt_tokens, max_tokens=4, order=None, prio
 
 
 def fake_step(scheduler):
-    """schedule -> (no forward) -> update; samples FAKE_TOKEN, finishes at max_tokens. Returns the plan."""
+    """schedule -> (no forward) -> update; every sampling request draws FAKE_TOKEN. Returns the plan.
+
+    The scheduler finishes a request itself when it reaches max_tokens (no EOS ids are set here).
+    """
     output = scheduler.schedule()
-    plan = [(r.request_id, n) for r, n in zip(output.requests, output.num_new_tokens)]
-    for request in scheduler.update_computed(output):
-        request.append_output_token(FAKE_TOKEN)
-        if request.num_output_tokens >= request.max_tokens:
-            scheduler.finish_requests([request], RequestStatus.FINISHED_LENGTH)
+    plan = list(output.num_scheduled_tokens.items())
+    runner_output = ModelRunnerOutput(list(output.sampling_request_ids),
+                                      [[FAKE_TOKEN] for _ in output.sampling_request_ids])
+    scheduler.update_from_output(output, runner_output)
     return plan, output
 
 
@@ -55,7 +58,7 @@ def test_budget_is_never_exceeded_and_running_go_first():
     while scheduler.has_unfinished_requests():
         running_before = [r.request_id for r in scheduler.running]
         plan, output = fake_step(scheduler)
-        assert output.total_tokens <= 10
+        assert output.total_num_scheduled_tokens <= 10
         ids = [request_id for request_id, _ in plan]
         # Requests already running come first, in admission order.
         assert ids[:len(running_before)] == [r for r in running_before if r in ids][:len(running_before)]
@@ -96,7 +99,7 @@ def test_preemption_takes_the_newest_and_it_resumes_first_with_its_tokens():
     assert scheduler.kv_cache.num_free_blocks == 0
     plan, output = fake_step(scheduler)
     # a's first decode needs a 3rd block: c (newest) is preempted, freeing 2; b's then fits.
-    assert [r.request_id for r in output.preempted] == ["c"]
+    assert output.preempted_request_ids == ["c"]
     assert plan == [("a", 1), ("b", 1)]
     assert c.status == RequestStatus.PREEMPTED and c.num_computed_tokens == 0
     assert c.output_token_ids == [FAKE_TOKEN]  # generated tokens are kept
@@ -121,7 +124,7 @@ def test_preemption_picks_lowest_priority_first():
     plan, _ = fake_step(scheduler)
     assert plan == [("urgent-new", 8), ("normal", 8), ("lazy-old", 8)]  # waiting order: priority first
     _, output = fake_step(scheduler)
-    assert [r.request_id for r in output.preempted] == ["lazy-old"]
+    assert output.preempted_request_ids == ["lazy-old"]
 
 
 def test_waiting_request_that_does_not_fit_blocks_later_ones():
@@ -147,7 +150,7 @@ def test_sibling_waits_for_its_leader_prompt():
     scheduler = make_scheduler(budget=6)
     leader = add(scheduler, "p#0", 10, max_tokens=2)
     sibling = Request("p#1", list(leader.prompt_token_ids), SamplingParams(), arrival_time=0.0, max_tokens=2,
-                      arrival_order=0, prefill_leader=leader)
+                      arrival_order=0, prefill_leader_id=leader.request_id)
     scheduler.add_request(sibling)
     other = add(scheduler, "other", 3, max_tokens=1, order=5)
     assert fake_step(scheduler)[0] == [("p#0", 6)]
@@ -166,7 +169,7 @@ def test_every_request_finishes_and_all_blocks_return(budget):
     steps = 0
     while scheduler.has_unfinished_requests():
         _, output = fake_step(scheduler)
-        assert output.total_tokens <= budget
+        assert output.total_num_scheduled_tokens <= budget
         steps += 1
         assert steps < 500
     assert all(r.num_output_tokens == 4 for r in requests)

@@ -113,8 +113,8 @@ class KVCacheManager:
         if not 0 <= num_computed_tokens <= request.num_tokens:
             raise ValueError(f"num_computed_tokens {num_computed_tokens} is outside [0, {request.num_tokens}]")
         if len(set(block_ids)) != len(block_ids) or self.blocks_needed(num_computed_tokens) > len(block_ids):
-            raise ValueError(f"{len(block_ids)} distinct blocks are needed to hold {num_computed_tokens} tokens, "
-                             f"got {block_ids}")
+            raise ValueError(f"{self.blocks_needed(num_computed_tokens)} distinct blocks are needed to hold "
+                             f"{num_computed_tokens} tokens, got {block_ids}")
         self.pool.take_free_blocks(block_ids)
         self.block_tables[request.request_id] = list(block_ids)
         request.num_computed_tokens = num_computed_tokens
