@@ -7,9 +7,9 @@ ids, waiting-queue limits) happen when it takes the requests.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Optional, Union
 
+from splitfuse.clock import Clock, WallClock
 from splitfuse.engine.protocol import EngineCoreRequest
 from splitfuse.sampling_params import SamplingParams
 
@@ -22,8 +22,10 @@ def prompt_too_long_message(num_prompt_tokens: int, max_model_len: int) -> str:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, max_num_tokens_in_cache: int) -> None:
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, max_num_tokens_in_cache: int,
+                 clock: Optional[Clock] = None) -> None:
         self.tokenizer = tokenizer
+        self.clock = clock or WallClock()
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_num_tokens_in_cache = max_num_tokens_in_cache
@@ -66,7 +68,7 @@ class InputProcessor:
         params.validate_for_vocab(self.vocab_size)
         prompt_token_ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params)
-        arrival_time = time.time() if arrival_time is None else arrival_time
+        arrival_time = self.clock.now() if arrival_time is None else arrival_time
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         requests = [EngineCoreRequest(
             sequence_id, prompt_token_ids, params, arrival_time, max_tokens, priority, tenant,
