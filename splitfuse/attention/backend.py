@@ -34,6 +34,10 @@ class BatchLayout:
 class AttentionBackend(Protocol):
     """A paged attention implementation. ``plan`` may precompute anything shared by layers."""
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's key tensor (and of its value tensor) that ``forward`` reads and writes."""
+        ...
+
     def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> Any:
         ...
 
@@ -63,6 +67,12 @@ def strip_padding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n
     return key, value, output
 
 
+def token_major_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+                               ) -> tuple[int, int, int]:
+    """One row per token slot (slot = block * block_size + offset): 4 blocks of 16, 2 KV heads of 64 -> (64, 2, 64)."""
+    return (num_blocks * block_size, num_kv_heads, head_dim)
+
+
 def write_kv_cache(kv_cache: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """key_cache[slot_mapping[t]] = key[t] and the same for value, with torch ops (any device, any dtype)."""
@@ -78,7 +88,7 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     On the CPU the pool is one anonymous memory map: the kernel hands out zeroed pages on first touch, so
     a large pool costs nothing at start-up (torch.zeros writes every page: seconds for a few GiB) and only
     the blocks in use take memory."""
-    shape = (num_blocks * block_size, num_kv_heads, head_dim)
+    shape = token_major_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     if device.type != "cpu":
         return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in range(num_layers)]

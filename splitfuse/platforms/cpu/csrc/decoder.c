@@ -10,48 +10,13 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The kernels (fused_ops.c, amx_linear.c, paged_attention.c). The gated MLP's first half is
- * amx_linear_silu_mul, as AmxLinear(silu_mul=True) runs it in Python. */
-void rms_norm(int dtype, void *out, void *residual, const void *x, const void *weight, int64_t rows, int hidden,
-              int64_t x_stride, float eps);
-void rotary_embedding(int dtype, void *query, void *key, const int64_t *positions, const float *cos_cache,
-                      const float *sin_cache, int64_t tokens, int num_heads, int num_kv_heads, int head_dim,
-                      int64_t q_stride, int64_t k_stride);
-void write_kv_cache(int dtype, void *key_cache, void *value_cache, const void *key, const void *value,
-                    const int64_t *slots, int64_t tokens, int row_size, int64_t key_stride, int64_t value_stride);
-void amx_linear(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
-                const float *bias, int64_t m, int64_t n, int64_t k);
-void amx_linear_silu_mul(uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride, const uint16_t *packed,
-                         const float *bias, int64_t m, int64_t n, int64_t k);
-void paged_attention(int dtype, void *out, const void *query, const void *key_cache, const void *value_cache,
-                     const int64_t *block_tables, int64_t block_table_stride, const int64_t *query_start_loc,
-                     const int64_t *context_lens, const int32_t *requests, int num_requests, int num_heads,
-                     int num_kv_heads, int head_dim, int block_size, float scale, int window, int64_t query_stride);
+/* The kernels' prototypes and the decoder_layer / decoder_step structs, generated from
+ * platforms/cpu/c_interface.py (as are the ctypes bindings platforms/cpu/decoder.py fills them with).
+ * The gated MLP's first half is amx_linear_silu_mul, as AmxLinear(silu_mul=True) runs it in Python. */
+#include "splitfuse_kernels.h"
 
-/* One layer's weights (AMX-packed, biases fp32 padded to 32 or NULL) and KV cache. Mirrored by
- * models/cpu_decoder.py's ctypes structure: keep the two in step. */
-typedef struct {
-    const uint16_t *input_norm, *post_norm;
-    const uint16_t *qkv, *o, *gate_up, *down;
-    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
-    uint16_t *key_cache, *value_cache;
-    int64_t window;  /* sliding window, 0 for none */
-} decoder_layer;
-
-/* The step: sizes, attention metadata and scratch buffers (bf16, [tokens, width] each). */
-typedef struct {
-    int64_t tokens, hidden, intermediate;
-    int64_t num_heads, num_kv_heads, head_dim, block_size;
-    float eps, scale;
-    const int64_t *positions;
-    const float *cos, *sin;
-    const int64_t *slot_mapping, *block_tables;
-    int64_t block_table_stride;
-    const int64_t *query_start_loc, *context_lens;
-    const int32_t *requests;
-    int64_t num_requests;
-    uint16_t *normed, *qkv, *attention, *activation;
-} decoder_step;
+size_t decoder_layer_size(void) { return sizeof(decoder_layer); }
+size_t decoder_step_size(void) { return sizeof(decoder_step); }
 
 /* hidden [tokens, hidden]: the embeddings in, the last layer's MLP output out; residual [tokens,
  * hidden]: the residual stream before it out (the final norm adds the two, as the Python path does). */
