@@ -56,7 +56,7 @@ def test_the_ctypes_structs_have_the_c_structs_size():
 @needs_kernels
 def test_a_c_definition_that_disagrees_with_the_declaration_does_not_compile(tmp_path):
     # silu_and_mul declared with an int64_t intermediate, as fused_ops.c does not define it.
-    wrong = tuple(c_interface.Function(f.name, f.returns, c_interface._params(
+    wrong = tuple(c_interface.Function(f.name, f.returns, c_interface.parse_params(
         "int dtype, void *out, const void *gate_up, int64_t rows, int64_t intermediate"))
         if f.name == "silu_and_mul" else f for f in FUNCTIONS)
     header = c_interface.header_text(functions=wrong)
@@ -69,4 +69,5 @@ def test_a_c_definition_that_disagrees_with_the_declaration_does_not_compile(tmp
 def test_the_cache_key_covers_the_generated_header():
     compiler, header = kernels.c_compiler(), c_interface.header_text()
     assert kernels.cache_key(compiler, header) == kernels.cache_key(compiler, header)
-    assert kernels.cache_key(compiler, header) != kernels.cache_key(compiler, header.replace("int64_t rows", "int rows"))
+    changed = header.replace("int64_t rows", "int rows")
+    assert kernels.cache_key(compiler, header) != kernels.cache_key(compiler, changed)

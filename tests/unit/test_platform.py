@@ -42,6 +42,7 @@ def kernel_calls(platform, monkeypatch) -> list[str]:
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cpu_in_bf16_or_fp32_runs_the_c_kernels(dtype, monkeypatch):
+    monkeypatch.delenv("SPLITFUSE_DISABLE_AMX", raising=False)
     platform = resolve_platform(CPU, dtype, arch=shape(), block_size=16, batch_invariant=True)
     assert type(platform.attention_backend) is CpuPagedBackend and platform.attention_backend.batch_invariant
     assert platform.kernels is KERNELS
@@ -91,6 +92,7 @@ def test_asking_for_the_cpu_kernel_where_it_cannot_run_is_an_error():
 
 @needs_kernels
 def test_the_environment_switches_are_read_when_the_platform_is_resolved(monkeypatch):
+    monkeypatch.delenv("SPLITFUSE_DISABLE_AMX", raising=False)
     platform = resolve_platform(CPU, torch.bfloat16)
     monkeypatch.setenv("SPLITFUSE_DISABLE_AMX", "1")
     without_amx = resolve_platform(CPU, torch.bfloat16)

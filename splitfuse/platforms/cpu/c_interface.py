@@ -47,14 +47,15 @@ class Param:
         if self.c_type.endswith("*"):
             return ctypes.c_void_p
         if self.c_type not in _SCALARS:
-            raise ValueError(f"{self.name}: C type {self.c_type!r} has no ctypes mapping (known: {', '.join(_SCALARS)})")
+            raise ValueError(f"{self.name}: C type {self.c_type!r} has no ctypes mapping "
+                             f"(known: {', '.join(_SCALARS)})")
         return _SCALARS[self.c_type]
 
     def c_declaration(self) -> str:
         return f"{self.c_type}{self.name}" if self.c_type.endswith("*") else f"{self.c_type} {self.name}"
 
 
-def _params(declarations: str) -> tuple[Param, ...]:
+def parse_params(declarations: str) -> tuple[Param, ...]:
     return tuple(Param.parse(part) for part in declarations.split(",")) if declarations.strip() else ()
 
 
@@ -83,18 +84,18 @@ class Struct:
 def _function(returns: str, name: str, params: str = "") -> Function:
     if returns not in _RETURNS:
         raise ValueError(f"{name}: return type {returns!r} is not one of {', '.join(_RETURNS)}")
-    return Function(name, returns, _params(params))
+    return Function(name, returns, parse_params(params))
 
 
 DECODER_LAYER = Struct("decoder_layer", "One layer's weights (AMX-packed; biases fp32 padded to 32, or NULL), its KV "
-                       "cache and its sliding window (0: none).", _params(
+                       "cache and its sliding window (0: none).", parse_params(
                            "const uint16_t *input_norm, const uint16_t *post_norm, const uint16_t *qkv, "
                            "const uint16_t *o, const uint16_t *gate_up, const uint16_t *down, "
                            "const float *qkv_bias, const float *o_bias, const float *gate_up_bias, "
                            "const float *down_bias, uint16_t *key_cache, uint16_t *value_cache, int64_t window"))
 
 DECODER_STEP = Struct("decoder_step", "The step: sizes, attention metadata and scratch buffers (bf16, [tokens, width] "
-                      "each).", _params(
+                      "each).", parse_params(
                           "int64_t tokens, int64_t hidden, int64_t intermediate, int64_t num_heads, "
                           "int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float eps, float scale, "
                           "const int64_t *positions, const float *cos, const float *sin, const int64_t *slot_mapping, "

@@ -1,8 +1,8 @@
 /* All decoder layers of a Llama-family step in one call, for bf16 models on AMX CPUs.
  *
  * The Python forward (models/llama.py) calls the same C functions one by one: about ten calls a
- * layer, each with its checks, tensor allocations and ctypes marshalling, ~1.5 ms of a decode
- * step in all. Here they run back to back with the same arguments in the same order, so the
+ * layer, each with its checks, tensor allocations and ctypes marshalling, a good part of a decode
+ * step in all (docs/benchmarks.md). Here they run back to back with the same arguments in the same order, so the
  * results are identical bit for bit (tests/e2e/test_offline.py compares the two). Steps whose
  * attention needs SDPA (long prompt chunks) and models with q/k norms or MoE keep the Python path.
  */
