@@ -15,10 +15,11 @@ import time
 import numpy as np
 import torch
 
-from splitfuse.attention import cpu_paged
 from splitfuse.attention.backend import BatchLayout
-from splitfuse.attention.cpu_paged import CpuPagedBackend
 from splitfuse.attention.torch_native import TorchNativeBackend
+from splitfuse.platforms import resolve_platform
+from splitfuse.platforms.cpu import attention as cpu_paged
+from splitfuse.platforms.cpu.attention import CpuPagedBackend
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 4, 64, 16
 
@@ -70,7 +71,10 @@ def main() -> None:
     cases = {f"{b} decodes at context {c}": [(c - 1, 1)] * b for b, c in [(1, 256), (32, 192), (64, 512)]}
     cases.update({f"chunk of {q} after {c} cached": [(c, q)] for c, q in [(0, 16), (0, 64), (0, 256), (0, 512),
                                                                             (256, 64), (256, 256)]})
-    torch_native, cpu_kernel = TorchNativeBackend(torch.device("cpu")), CpuPagedBackend()
+    kernels = resolve_platform(torch.device("cpu"), torch.bfloat16).kernels
+    if kernels is None:
+        raise SystemExit("the CPU kernels are not available here (no C compiler, or SPLITFUSE_DISABLE_CPU_KERNELS)")
+    torch_native, cpu_kernel = TorchNativeBackend(torch.device("cpu")), CpuPagedBackend(kernels)
     print(f"{'case':34} {'torch-native ms':>16} {'cpu kernel ms':>14} {'ratio':>6}")
     for name, requests in cases.items():
         layout = make_batch(requests, num_blocks, generator)

@@ -55,9 +55,9 @@ def main() -> None:
 
 def per_call(engine, steps: int) -> None:
     """Wall time per step of each layer-level call, with a timer around each (adds ~1 us per call)."""
-    from splitfuse.cpu_kernels import CpuKernels
-    from splitfuse.layers.linear import AmxLinear, PackedLinear
-    from splitfuse.models.cpu_decoder import CpuDecoder
+    from splitfuse.platforms.cpu.decoder import CpuDecoder
+    from splitfuse.platforms.cpu.kernels import CpuKernels
+    from splitfuse.platforms.cpu.linear import AmxLinear, PackedLinear
 
     totals: collections.Counter[str] = collections.Counter()
     targets = [(CpuKernels, name) for name in ("rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache")]

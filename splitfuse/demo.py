@@ -10,9 +10,9 @@ import types
 import torch
 import transformers
 
+from splitfuse.cache_root import default_cache_root
 from splitfuse.checkpoint_dirs import build_once
 from splitfuse.checkpoint_factory import train_tokenizer, write_checkpoint
-from splitfuse.models.sources import default_cache_root
 
 logger = logging.getLogger(__name__)
 

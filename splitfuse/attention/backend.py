@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
@@ -34,6 +35,10 @@ class BatchLayout:
 class AttentionBackend(Protocol):
     """A paged attention implementation. ``plan`` may precompute anything shared by layers."""
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's key tensor (and of its value tensor) that ``forward`` reads and writes."""
+        ...
+
     def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> Any:
         ...
 
@@ -63,6 +68,12 @@ def strip_padding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n
     return key, value, output
 
 
+def token_major_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+                               ) -> tuple[int, int, int]:
+    """One row per token slot (slot = block * block_size + offset): 4 blocks of 16, 2 KV heads of 64 -> (64, 2, 64)."""
+    return (num_blocks * block_size, num_kv_heads, head_dim)
+
+
 def write_kv_cache(kv_cache: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """key_cache[slot_mapping[t]] = key[t] and the same for value, with torch ops (any device, any dtype)."""
@@ -70,20 +81,18 @@ def write_kv_cache(kv_cache: tuple[torch.Tensor, torch.Tensor], key: torch.Tenso
     kv_cache[1].index_copy_(0, slot_mapping, value)
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype, device: torch.device
+def allocate_kv_cache(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (key, value) pair per layer, each [num_blocks * block_size, num_kv_heads, head_dim], all zeros.
+    """One (key, value) pair per layer, each of ``shape`` (the backend's ``kv_cache_shape``), all zeros.
 
     On the CPU the pool is one anonymous memory map: the kernel hands out zeroed pages on first touch, so
     a large pool costs nothing at start-up (torch.zeros writes every page: seconds for a few GiB) and only
     the blocks in use take memory."""
-    shape = (num_blocks * block_size, num_kv_heads, head_dim)
     if device.type != "cpu":
         return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in range(num_layers)]
-    bytes_per_block = kv_cache_bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-    pool = mmap.mmap(-1, num_blocks * bytes_per_block)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    pool = mmap.mmap(-1, num_layers * 2 * math.prod(shape) * element_size)
     flat = torch.frombuffer(pool, dtype=dtype)  # holds a reference to the map: it lives as long as the views
     tensors = flat.view(num_layers, 2, *shape)
     return [(tensors[layer, 0], tensors[layer, 1]) for layer in range(num_layers)]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splitfuse.attention.backend import BatchLayout, strip_padding, write_kv_cache
+from splitfuse.attention.backend import BatchLayout, strip_padding, token_major_kv_cache_shape, write_kv_cache
 
 
 @dataclass
@@ -67,6 +67,9 @@ def decode_buckets(context_lens: np.ndarray) -> list[tuple[int, int]]:
 class TorchNativeBackend:
     def __init__(self, device: torch.device) -> None:
         self.device = device
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return token_major_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
 
     def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> TorchNativeMetadata:
         metadata = TorchNativeMetadata(layout.slot_mapping, layout.num_decodes, layout.block_size)

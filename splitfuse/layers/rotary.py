@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from splitfuse.cpu_kernels import applies, load_cpu_kernels
+from splitfuse.platforms.ops import RotaryOp, torch_rotary
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -42,11 +42,16 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputes cos/sin for every position once; ``forward`` rotates q and k in place of copies."""
+    """Precomputes cos/sin (fp32) for every position once; ``forward`` rotates q and k with ``op``.
+
+    ``op``: the platform's ``ops.rotary`` (the C kernel rotates in place views of the fused qkv output,
+    int64 positions); the torch op, the default, returns rotated copies.
+    """
 
     def __init__(self, head_dim: int, max_position: int, theta: float,
-                 scaling: Optional[dict[str, Any]] = None) -> None:
+                 scaling: Optional[dict[str, Any]] = None, op: RotaryOp = torch_rotary) -> None:
         super().__init__()
+        self.op = op
         inv_freq = _inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, head_dim / 2]
@@ -54,21 +59,5 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H, D], key [T, KVH, D]. The CPU kernel rotates them in place."""
-        kernel_layout = (query.stride(1) == key.stride(1) == query.shape[2] and positions.is_contiguous()
-                         and positions.dtype == torch.int64 and self.cos.dtype == torch.float32)
-        if kernel_layout and applies(query, key):
-            kernels = load_cpu_kernels()
-            if kernels is not None:
-                kernels.rotary_embedding(positions, query, key, self.cos, self.sin)
-                return query, key
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1 = x[..., :half].float()
-    x2 = x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """positions [T]; query [T, H, D], key [T, KVH, D] -> (rotated query, rotated key)."""
+        return self.op(positions, query, key, self.cos, self.sin)

@@ -7,20 +7,20 @@ machinery, unused here) costs a few microseconds a call, and a decode step makes
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitfuse.attention.backend import AttentionBackend
-from splitfuse.cpu_kernels import applies, load_cpu_kernels
-from splitfuse.layers.linear import (AmxLinear, PackedLinear, pack_linear_layers, packed_linear, packing_supported,
-                                     padded_rows, warm_up)
 from splitfuse.layers.norm import RMSNorm
 from splitfuse.layers.rotary import RotaryEmbedding
 from splitfuse.models.config import ArchConfig
-from splitfuse.models.cpu_decoder import CpuDecoder
+from splitfuse.platforms import Platform
+from splitfuse.platforms.cpu.decoder import CpuDecoder
+from splitfuse.platforms.cpu.linear import AmxLinear, PackedLinear, padded_rows, warm_up
+from splitfuse.platforms.ops import Ops, torch_silu_and_mul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class LlamaAttention(nn.Module):
         # q, k and v in one matmul: rows [0, q_size) are q, then k, then v.
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        # The torch op: q and k are strided [T, heads, head_dim] views of the qkv output.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -61,33 +62,36 @@ class LlamaAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)), gate and up fused into one matmul.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    ``silu_and_mul``: the platform's op (it gets gate_up_proj's contiguous output); None once
+    gate_up_proj applies it itself (``AmxLinear.silu_mul``, see ``LlamaForCausalLM.prepare_for_inference``).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 silu_and_mul: Optional[Callable[[torch.Tensor], torch.Tensor]] = torch_silu_and_mul) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.silu_and_mul = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.forward(x)
-        if isinstance(self.gate_up_proj, AmxLinear) and self.gate_up_proj.silu_mul:
+        if self.silu_and_mul is None:
             return self.down_proj.forward(gate_up)  # the kernel has applied silu(gate) * up already
-        kernels = load_cpu_kernels() if applies(gate_up) and gate_up.is_contiguous() else None
-        if kernels is not None:
-            return self.down_proj.forward(kernels.silu_and_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+        return self.down_proj.forward(self.silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ArchConfig, layer_index: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend, mlp: nn.Module) -> None:
+                 platform: Platform, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index, rotary, backend)
+        self.self_attn = LlamaAttention(config, layer_index, rotary, platform.attention_backend)
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = platform.ops.rms_norm  # hidden states: 2-D rows of unit stride
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, op=norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, op=norm)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: KVCache, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +117,16 @@ class LlamaForCausalLM(nn.Module):
         ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, config: ArchConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ArchConfig, platform: Platform) -> None:
         super().__init__()
         self.config = config
+        self.platform = platform
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                 config.rope_scaling)
+                                 config.rope_scaling, op=platform.ops.rotary)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary, backend, self.make_mlp(config)) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, platform, self.make_mlp(config, platform.ops))
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, op=platform.ops.rms_norm)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.packed_logits: AmxLinear | PackedLinear | None = None
@@ -129,39 +134,44 @@ class LlamaForCausalLM(nn.Module):
         self.cpu_decoder: CpuDecoder | None = None  # all layers in one C call where it applies (bf16 on AMX)
 
     @staticmethod
-    def make_mlp(config: ArchConfig) -> nn.Module:
-        return GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+    def make_mlp(config: ArchConfig, platform_ops: Ops) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, platform_ops.silu_and_mul)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 attn_metadata: Any) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         hidden, residual = self.embed_tokens(input_ids), None
-        if self.cpu_decoder is not None and self.cpu_decoder.takes(positions, kv_caches, attn_metadata):
+        if self.cpu_decoder is not None and self.cpu_decoder.takes(attn_metadata):
             hidden, residual = self.cpu_decoder.run(hidden, positions, kv_caches, attn_metadata)
         else:
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(positions, hidden, residual, kv_cache, attn_metadata)
         return self.norm.forward(hidden, residual)[0]
 
-    def prepare_for_inference(self, batch_invariant: bool = False) -> None:
-        """After the weights are loaded: pack linear weights where that is faster (bf16 on CPU).
+    def prepare_for_inference(self) -> None:
+        """After the weights are loaded: pack linear weights where the platform does (bf16 on CPU).
 
-        ``batch_invariant``: packed layers whose per-row results do not depend on the row count
-        (layers/linear.py); they need no padded batch.
+        With ``batch_invariant`` the packed layers' per-row results do not depend on the row count
+        (platforms/cpu/linear.py); they need no padded batch.
         """
-        weight = self.embed_tokens.weight
-        if not packing_supported(weight.device, weight.dtype):
+        linears = self.platform.linears
+        if linears is None:
             return
+        weight = self.embed_tokens.weight
         lm_weight = weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = packed_linear(lm_weight, None, batch_invariant=batch_invariant)
+        self.packed_logits = linears.pack(lm_weight, None)
         self.lm_head = None  # its weight lives on only in packed_logits (a tied one stays in embed_tokens)
-        pack_linear_layers(self.layers, batch_invariant)
+        linears.pack_layers(self.layers)
+        for layer in self.layers:
+            gate_up = getattr(layer.mlp, "gate_up_proj", None)
+            if isinstance(gate_up, AmxLinear) and gate_up.silu_mul:
+                layer.mlp.silu_and_mul = None  # the kernel applies it
         self.pads_rows = any(isinstance(module, PackedLinear) and module.row_tile is None
                              for module in self.layers.modules())
-        self.cpu_decoder = CpuDecoder.build(self)
+        self.cpu_decoder = self.platform.fused_decoder(self)
 
     def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
-        """Compiles the oneDNN matmuls for every padded row count a step can have (see layers/linear.py)."""
+        """Compiles the oneDNN matmuls for every padded row count a step can have (platforms/cpu/linear.py)."""
         logits = self.packed_logits if isinstance(self.packed_logits, PackedLinear) else None
         if self.pads_rows or logits is not None:
             seconds = warm_up(self.layers, max_tokens, logits, max_logit_rows)

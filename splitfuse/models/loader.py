@@ -11,10 +11,10 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from splitfuse.attention.backend import AttentionBackend
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.mixtral import MixtralForCausalLM
+from splitfuse.platforms import Platform
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM}
 
@@ -47,18 +47,18 @@ def iterate_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(path: str, config: ArchConfig, dtype: torch.dtype, device: torch.device,
-               backend: AttentionBackend, batch_invariant: bool = False) -> torch.nn.Module:
+def load_model(path: str, config: ArchConfig, platform: Platform) -> torch.nn.Module:
+    """The model in the platform's dtype on its device, built with the platform's choices (ops, backend, packing)."""
     model_class = MODEL_CLASSES[config.family]
     previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(platform.dtype)
     try:
-        with torch.device(device):
-            model = model_class(config, backend)
+        with torch.device(platform.device):
+            model = model_class(config, platform)
     finally:
         torch.set_default_dtype(previous_dtype)
     _WeightLoader(model).load(iterate_checkpoint(path))
-    model.prepare_for_inference(batch_invariant)
+    model.prepare_for_inference()
     return model.eval()
 
 

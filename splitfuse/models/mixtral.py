@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitfuse.layers.linear import ROW_TILE, in_row_tiles
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.llama import LlamaForCausalLM
+from splitfuse.platforms.cpu.linear import in_row_tiles
+from splitfuse.platforms.ops import Ops
 
 
 class SparseMoE(nn.Module):
@@ -61,14 +62,14 @@ class SparseMoE(nn.Module):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     @staticmethod
-    def make_mlp(config: ArchConfig) -> nn.Module:
-        return SparseMoE(config)
+    def make_mlp(config: ArchConfig, platform_ops: Ops) -> nn.Module:
+        return SparseMoE(config)  # (its activation is torch's: the experts' products are gathered rows)
 
-    def prepare_for_inference(self, batch_invariant: bool = False) -> None:
-        super().prepare_for_inference(batch_invariant)
-        if batch_invariant and self.packed_logits is not None:  # the layers were packed: bf16 on the CPU
+    def prepare_for_inference(self) -> None:
+        super().prepare_for_inference()
+        if self.platform.linears is not None:  # the layers were packed (bf16 on the CPU): tile the experts alike
             for layer in self.layers:
-                layer.mlp.row_tile = ROW_TILE
+                layer.mlp.row_tile = self.platform.linears.row_tile
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:

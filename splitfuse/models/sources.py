@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitfuse.cache_root import default_cache_root
 from splitfuse.checkpoint_dirs import build_once
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ class ResolvedModel:
     path: str          # the checkpoint directory the engine loads
     served_name: str   # the name the server answers to by default
     source: str        # what the name pointed at: a GGUF file, a directory, or the demo
-
-
-def default_cache_root() -> str:
-    return os.environ.get("SPLITFUSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "splitfuse")
 
 
 def smollm2_gguf_path() -> str:

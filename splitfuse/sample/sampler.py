@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
-from splitfuse.cpu_kernels import applies, load_cpu_kernels
+from splitfuse.platforms.ops import torch_argmax
 from splitfuse.sampling_params import SamplingParams
 
 # (chosen token's logprob, its 1-based rank, top-k token ids, top-k logprobs) with k = params.logprobs
@@ -34,15 +34,6 @@ class SamplingRow:
     # Set iff params.seed is not None; owned by the request and advanced across steps.
     # It may live on any device: its noise is drawn there and copied to the logits' device.
     generator: Optional[torch.Generator] = None
-
-
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax per row, the first index on ties (as vLLM and transformers pick)."""
-    kernels = load_cpu_kernels() if applies(logits) else None
-    if kernels is not None:
-        return kernels.argmax(logits)  # no fp32 copy of the logits
-    # max() on fp32 is several times faster than argmax on bf16 on CPU.
-    return logits.float().max(dim=-1).indices
 
 
 @dataclass
@@ -196,12 +187,17 @@ class Sampler:
     """Samples one token per row. Rows with a generator draw noise only from it, so a
     seeded request gets the same tokens whatever else is in the batch; other rows share
     one batch-wide generator seeded from ``seed``.
+
+    ``argmax``: greedy rows' pick, the first index on ties (as vLLM and transformers pick): the
+    platform's ``ops.argmax`` (the C kernel reads bf16 logits without an fp32 copy); None: torch's.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: Iterable[int], seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: Iterable[int], seed: int = 0,
+                 argmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.seed = seed
+        self._argmax = argmax or torch_argmax
         self._batch_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -234,7 +230,7 @@ class Sampler:
 
     def _greedy_with_bans(self, raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """argmax per row with min_tokens' bans: a row's pick only changes if the pick itself is banned."""
-        token_ids = _greedy(raw)
+        token_ids = self._argmax(raw)
         banned_rows = [i for i, row in enumerate(rows) if _in_min_tokens(row)]
         if banned_rows:
             picks = token_ids[banned_rows].tolist()
@@ -243,7 +239,7 @@ class Sampler:
             if redo:
                 work = raw[redo].clone()
                 apply_min_tokens(work, [rows[i] for i in redo], self.eos_token_ids)
-                token_ids[redo] = _greedy(work)
+                token_ids[redo] = self._argmax(work)
         return token_ids
 
     @staticmethod

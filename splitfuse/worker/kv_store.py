@@ -12,18 +12,18 @@ from typing import Sequence
 
 import torch
 
-from splitfuse.attention.backend import allocate_kv_cache
+from splitfuse.attention.backend import AttentionBackend, allocate_kv_cache
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class KVStore:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, backend: AttentionBackend, num_layers: int, num_blocks: int, block_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.layers: list[KVCache] = allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                                                       dtype, device)
+        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers: list[KVCache] = allocate_kv_cache(num_layers, shape, dtype, device)
         # Per layer, key and value as [num_blocks, elements of one block]: views, no copies.
         self._block_views = [(key.view(num_blocks, -1), value.view(num_blocks, -1)) for key, value in self.layers]
 

@@ -12,10 +12,10 @@ import logging
 import numpy as np
 import torch
 
-from splitfuse.attention.selector import select_attention_backend
-from splitfuse.layers.linear import padded_rows
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.loader import load_model
+from splitfuse.platforms import resolve_platform
+from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.sampler import Sampler, SamplingRow
 from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
@@ -32,12 +32,14 @@ class ModelRunner:
         self.arch = arch
         self.device = device
         self.block_size = block_size
-        self.backend = select_attention_backend(attention_backend, arch, dtype, device, block_size, batch_invariant)
-        self.model = load_model(model_path, arch, dtype, device, self.backend, batch_invariant)
-        self.kv_store = KVStore(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
-                                dtype, device)
+        self.platform = resolve_platform(device, dtype, attention_backend=attention_backend,
+                                         batch_invariant=batch_invariant, arch=arch, block_size=block_size)
+        self.backend = self.platform.attention_backend
+        self.model = load_model(model_path, arch, self.platform)
+        self.kv_store = KVStore(self.backend, arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
+                                arch.head_dim, dtype, device)
         self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
-        self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed)
+        self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed, argmax=self.platform.ops.argmax)
         self.requests: dict[str, RequestState] = {}
         # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
         self.model.warm_up(max_num_batched_tokens, max_num_seqs)

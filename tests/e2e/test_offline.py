@@ -24,10 +24,9 @@ def llm(llama_ckpt):
 
 
 def skip_without_amx():
-    from splitfuse.cpu_kernels import load_cpu_kernels
+    from splitfuse.platforms import resolve_platform
 
-    kernels = load_cpu_kernels()
-    if kernels is None or not kernels.has_amx:
+    if not resolve_platform(torch.device("cpu"), torch.bfloat16).uses_amx:
         pytest.skip("no AMX on this CPU (or SPLITFUSE_DISABLE_AMX is set)")
 
 
@@ -212,8 +211,8 @@ def test_unknown_architecture_and_missing_files(llama_ckpt, tmp_path):
 
 @pytest.mark.parametrize("ckpt_name", ["llama_ckpt", "mixtral_ckpt"])
 def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, request, monkeypatch):
-    from splitfuse.cpu_kernels import CpuKernels
-    from splitfuse.layers.linear import PackedLinear, packing_supported, padded_rows
+    from splitfuse.platforms.cpu.kernels import CpuKernels
+    from splitfuse.platforms.cpu.linear import PackedLinear, packing_supported, padded_rows
 
     if not packing_supported(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN bf16 weight packing unavailable")
@@ -248,7 +247,7 @@ def test_bf16_on_cpu_pads_each_step_to_a_precompiled_row_count(ckpt_name, reques
 @pytest.mark.parametrize("ckpt_name, num_linears", [("llama_ckpt", 2 * 4 + 1), ("mixtral_ckpt", 2 * 3 + 1)])
 def test_bf16_on_an_amx_cpu_runs_every_linear_layer_on_the_amx_kernel_at_the_exact_row_count(ckpt_name, num_linears,
                                                                                               request):
-    from splitfuse.layers.linear import AmxLinear, PackedLinear
+    from splitfuse.platforms.cpu.linear import AmxLinear, PackedLinear
 
     skip_without_amx()
     bf16 = LLM(model=request.getfixturevalue(ckpt_name), dtype="bfloat16", max_num_batched_tokens=40,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitfuse.cpu_kernels import load_cpu_kernels
 from splitfuse.entrypoints.llm import LLM
+from splitfuse.platforms import resolve_platform
 from splitfuse.sampling_params import SamplingParams
 
 MAX_TOKENS = 16
@@ -21,7 +21,8 @@ PROMPT_LENGTHS = [37, 1, 90, 15, 64, 8, 130, 23, 51, 3, 77, 16, 110, 29, 44, 9] 
 # The requests also run alone: first, middle and last places in the batches below.
 ALONE = [0, 1, 2, 6, 12, 31, 47, 63]
 
-needs_cpu_kernels = pytest.mark.skipif(load_cpu_kernels() is None, reason="no C compiler for the CPU kernels")
+needs_cpu_kernels = pytest.mark.skipif(resolve_platform(torch.device("cpu"), torch.bfloat16).kernels is None,
+                                       reason="no C compiler for the CPU kernels")
 pytestmark = needs_cpu_kernels
 
 
@@ -107,12 +108,12 @@ def test_preempted_requests_give_the_tokens_they_give_alone(case):
 
 
 def test_portable_path_without_amx_is_batch_invariant_too(case, monkeypatch):
-    # SPLITFUSE_DISABLE_AMX is read when the kernels load (once a process); the flag they keep is what
-    # the model build reads, so both are set: linear layers go to oneDNN in ROW_TILE calls, no fused decoder.
+    # SPLITFUSE_DISABLE_AMX is read when the platform is resolved (once an engine): linear layers go to
+    # oneDNN in ROW_TILE calls, no fused decoder.
     monkeypatch.setenv("SPLITFUSE_DISABLE_AMX", "1")
-    monkeypatch.setattr(load_cpu_kernels(), "has_amx", False)
     llm = LLM(model=case.model, max_num_batched_tokens=64, enable_prefix_caching=False)
-    assert llm.engine.engine_core.executor.runner.model.cpu_decoder is None
+    runner = llm.engine.engine_core.executor.runner
+    assert not runner.platform.uses_amx and runner.model.cpu_decoder is None
     indices = list(range(24))
     alone = {i: token_ids(llm, [case.prompts[i]], GREEDY)[0] for i in (0, 2, 6, 12)}
     outputs = token_ids(llm, [case.prompts[i] for i in indices], GREEDY)

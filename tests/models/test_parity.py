@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitfuse.attention.cpu_paged import CpuPagedBackend
 from splitfuse.attention.torch_native import TorchNativeBackend
-from splitfuse.cpu_kernels import load_cpu_kernels
 from splitfuse.entrypoints.llm import LLM
+from splitfuse.platforms import resolve_platform
+from splitfuse.platforms.cpu.attention import CpuPagedBackend
 from splitfuse.sampling_params import SamplingParams
 
 NUM_NEW_TOKENS = 10
@@ -42,7 +42,7 @@ def params():
 def test_greedy_tokens_and_logprobs_match_transformers(family_ckpt, params, kernels, monkeypatch):
     if kernels == "torch-ops":  # the fallback where no C compiler is found, and the path CUDA takes
         monkeypatch.setenv("SPLITFUSE_DISABLE_CPU_KERNELS", "1")
-    elif load_cpu_kernels() is None:
+    elif resolve_platform(torch.device("cpu"), torch.float32).kernels is None:
         pytest.skip("no C compiler for the CPU kernels")
     llm = LLM(model=family_ckpt, dtype="float32", max_num_batched_tokens=16, block_size=4)
     expected_backend = CpuPagedBackend if kernels == "cpu-kernels" else TorchNativeBackend

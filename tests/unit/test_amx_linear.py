@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitfuse.cpu_kernels import load_cpu_kernels
-from splitfuse.layers.linear import AmxLinear, PackedLinear, pack_linear_layers, packed_linear
+from splitfuse.platforms import resolve_platform
+from splitfuse.platforms.cpu.linear import AmxLinear, LinearPacker, PackedLinear
 
-KERNELS = load_cpu_kernels()
-pytestmark = pytest.mark.skipif(KERNELS is None or not KERNELS.has_amx,
+PLATFORM = resolve_platform(torch.device("cpu"), torch.bfloat16)
+KERNELS = PLATFORM.kernels
+AMX = LinearPacker(amx=KERNELS)  # packs on AMX where the kernel takes the weight, else oneDNN
+pytestmark = pytest.mark.skipif(not PLATFORM.uses_amx,
                                 reason="no AMX on this CPU (or no C compiler, or SPLITFUSE_DISABLE_AMX is set)")
 
 
@@ -68,14 +70,14 @@ def test_bad_inputs_are_refused_before_the_kernel_runs():
 
 
 def test_packed_linear_picks_amx_where_the_kernel_takes_the_weight():
-    assert isinstance(packed_linear(torch.randn(48, 64).to(torch.bfloat16), None), AmxLinear)
-    assert isinstance(packed_linear(torch.randn(48, 40).to(torch.bfloat16), None), PackedLinear)  # 40 % 32 != 0
+    assert isinstance(AMX.pack(torch.randn(48, 64).to(torch.bfloat16), None), AmxLinear)
+    assert isinstance(AMX.pack(torch.randn(48, 40).to(torch.bfloat16), None), PackedLinear)  # 40 % 32 != 0
     assert not KERNELS.amx_takes(torch.randn(48, 64))  # fp32
     model = nn.Sequential(nn.Linear(64, 32), nn.Sequential(nn.Linear(32, 8), nn.ReLU()), nn.Linear(8, 4))
     model = model.to(torch.bfloat16)
     x = torch.randn(5, 64).to(torch.bfloat16)
     expected = model(x)
-    assert pack_linear_layers(model) == 3
+    assert AMX.pack_layers(model) == 3
     assert [type(model[0]), type(model[1][0]), type(model[2])] == [AmxLinear, AmxLinear, PackedLinear]
     torch.testing.assert_close(model(x).float(), expected.float(), rtol=0.02, atol=0.02)
 
@@ -104,7 +106,7 @@ def test_silu_mul_layer_gives_silu_of_gate_times_up_as_the_unfused_bf16_ops_roun
 
 
 def test_gate_up_rows_go_in_alternating_blocks_of_16():
-    from splitfuse.layers.linear import gate_up_order
+    from splitfuse.platforms.cpu.linear import gate_up_order
 
     assert gate_up_order(32).tolist() == [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
     with pytest.raises(ValueError, match="multiple of 16, not 24"):
@@ -113,9 +115,9 @@ def test_gate_up_rows_go_in_alternating_blocks_of_16():
     mlp = nn.Module()
     mlp.gate_up_proj, mlp.down_proj = nn.Linear(64, 64), nn.Linear(32, 64)
     mlp.to(torch.bfloat16)
-    pack_linear_layers(mlp)
+    AMX.pack_layers(mlp)
     assert mlp.gate_up_proj.silu_mul and not mlp.down_proj.silu_mul
-    assert not packed_linear(torch.zeros(48, 32, dtype=torch.bfloat16), None, gate_up=True).silu_mul
+    assert not AMX.pack(torch.zeros(48, 32, dtype=torch.bfloat16), None, gate_up=True).silu_mul
 
 
 @pytest.mark.parametrize("silu_mul", [False, True])

@@ -5,17 +5,26 @@ import pytest
 import torch
 
 from splitfuse.attention.backend import BatchLayout
-from splitfuse.attention.cpu_paged import CpuPagedBackend
 from splitfuse.attention.torch_native import TorchNativeBackend, decode_buckets
-from splitfuse.cpu_kernels import load_cpu_kernels
+from splitfuse.platforms import resolve_platform
+from splitfuse.platforms.cpu.attention import CpuPagedBackend
 
 BLOCK_SIZE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 4, 2, 8
+KERNELS = resolve_platform(torch.device("cpu"), torch.float32).kernels
+needs_cpu_kernel = pytest.mark.skipif(KERNELS is None, reason="no C compiler for the CPU kernel")
 
 
 def test_decode_buckets_split_where_context_grows():
     assert decode_buckets(np.array([10, 11, 12, 13, 40, 41, 42, 43])) == [(0, 4), (4, 8)]
     assert decode_buckets(np.array([10, 11, 40])) == [(0, 3)]  # too few rows to split
     assert decode_buckets(np.array([5])) == [(0, 1)]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("cpu-kernel", marks=needs_cpu_kernel)])
+def test_kv_cache_shape_is_one_row_per_token_slot(backend_name):
+    # The KV store allocates what the backend reads: 10 blocks of 4 slots, 2 KV heads of 8.
+    platform = resolve_platform(torch.device("cpu"), torch.float32, attention_backend=backend_name)
+    assert platform.attention_backend.kv_cache_shape(10, 4, 2, 8) == (40, 2, 8)
 
 
 def reference(query, keys, values, start, window, head_dim=HEAD_DIM):
@@ -117,7 +126,6 @@ def test_back_to_back_fresh_chunks_of_one_length_share_one_sdpa_call(window, sdp
     assert torch.equal(output, one_by_one)  # batching changes nothing, bit for bit
 
 
-needs_cpu_kernel = pytest.mark.skipif(load_cpu_kernels() is None, reason="no C compiler for the CPU kernel")
 # Decodes and chunks of up to 16 tokens go to the kernel (the 12-token chunk is two work items of
 # 8 tokens x 4 heads); a fresh prompt of 70 tokens and a continuing chunk of 40 go to SDPA.
 KERNEL_BATCH = MIXED_BATCH + [(20, 12), (0, 70), (33, 40)]
@@ -128,7 +136,7 @@ KERNEL_BATCH = MIXED_BATCH + [(20, 12), (0, 70), (33, 40)]
 @pytest.mark.parametrize("head_dim", [8, 64])  # 8: the plain C loops; 64: the vector loops where built
 def test_cpu_kernel_matches_dense_reference_fp32(window, head_dim):
     layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=head_dim)
-    backend = CpuPagedBackend()
+    backend = CpuPagedBackend(KERNELS)
     metadata = backend.plan(layout, (window,))
     assert metadata.kernel_requests.tolist() == list(range(13))
     assert [(c.token_start, c.token_end) for c in metadata.chunks] == [(34, 104), (104, 144)]
@@ -143,7 +151,7 @@ def test_cpu_kernel_with_one_head_per_kv_head_and_blocks_longer_than_a_vector(wi
     # two 16-key sub-blocks in the vector loops (head_dim 32), so every row-set size runs there.
     layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=32, block_size=32, num_heads=4,
                                           num_kv_heads=4)
-    backend = CpuPagedBackend()
+    backend = CpuPagedBackend(KERNELS)
     output = backend.forward(*inputs, backend.plan(layout, (window,)), scale=32 ** -0.5, sliding_window=window)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
@@ -152,7 +160,7 @@ def test_cpu_kernel_with_one_head_per_kv_head_and_blocks_longer_than_a_vector(wi
 @pytest.mark.parametrize("window", [None, 6])
 def test_cpu_kernel_bf16_matches_reference_to_bf16_precision(window):
     layout, inputs, expected = build_case(KERNEL_BATCH, window, head_dim=64, dtype=torch.bfloat16)
-    backend = CpuPagedBackend()
+    backend = CpuPagedBackend(KERNELS)
     output = backend.forward(*inputs, backend.plan(layout, (window,)), scale=64 ** -0.5, sliding_window=window)
     assert output.dtype == torch.bfloat16
     torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
@@ -163,7 +171,7 @@ def test_cpu_kernel_bf16_matches_reference_to_bf16_precision(window):
 def test_cpu_kernel_splits_kv_heads_when_requests_are_few(requests):
     # One request would leave a thread idle; the kernel then gives each KV head its own work item.
     layout, inputs, expected = build_case(requests, None, head_dim=64)
-    backend = CpuPagedBackend()
+    backend = CpuPagedBackend(KERNELS)
     output = backend.forward(*inputs, backend.plan(layout, (None,)), scale=64 ** -0.5, sliding_window=None)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
@@ -173,7 +181,7 @@ def test_padding_rows_past_the_step_are_ignored(backend_name):
     # The runner pads a packed model's batch with dummy tokens: no KV is written for them, the real
     # rows come out as without padding, and the padding rows' output is zero.
     layout, (query, key, value, kv_cache), _ = build_case(KERNEL_BATCH, None)
-    backend = TorchNativeBackend(torch.device("cpu")) if backend_name == "torch" else CpuPagedBackend()
+    backend = TorchNativeBackend(torch.device("cpu")) if backend_name == "torch" else CpuPagedBackend(KERNELS)
     clean_cache = tuple(c.clone() for c in kv_cache)
     expected = backend.forward(query, key, value, clean_cache, backend.plan(layout, (None,)),
                                scale=HEAD_DIM ** -0.5, sliding_window=None)
@@ -232,7 +240,7 @@ def test_batch_invariant_kernel_rows_do_not_depend_on_batch_or_chunking(dtype, w
         keys, values = (torch.randn(context, NUM_KV_HEADS, 64, generator=generator).to(dtype) for _ in range(2))
         return [start, keys, values, torch.randn(context - start, NUM_HEADS, 64, generator=generator).to(dtype)]
 
-    backend = CpuPagedBackend(batch_invariant=True)
+    backend = CpuPagedBackend(KERNELS, batch_invariant=True)
     target = request(70, 0)
     results = {}
     for start, neighbours in [(0, []), (30, [request(9, 8), request(100, 0), request(20, 13)]),

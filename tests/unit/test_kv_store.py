@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from splitfuse.attention.torch_native import TorchNativeBackend
 from splitfuse.worker.kv_store import KVStore
 
 # 2 layers, 3 blocks of 2 tokens, 1 KV head of dim 2: a block is 2 * 1 * 2 = 4 elements per tensor.
@@ -10,7 +11,7 @@ NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE = 2, 3, 2
 
 
 def make_store() -> KVStore:
-    return KVStore(NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, num_kv_heads=1, head_dim=2, dtype=torch.float32,
+    return KVStore(TorchNativeBackend(torch.device("cpu")), NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, num_kv_heads=1, head_dim=2, dtype=torch.float32,
                    device=torch.device("cpu"))
 
 

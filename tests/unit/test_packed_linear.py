@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitfuse.layers.linear import (PackedLinear, pack_linear_layers, packing_supported, padded_rows,
-                                    row_buckets, warm_up)
+from splitfuse.platforms.cpu.linear import (LinearPacker, PackedLinear, packing_supported, padded_rows, row_buckets,
+                                            warm_up)
+
+ONEDNN = LinearPacker(amx=None)  # every layer on oneDNN, AMX CPU or not
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.bfloat16),
                                 reason="oneDNN bf16 weight packing unavailable")
@@ -28,7 +30,7 @@ def test_packed_linear_matches_f_linear(rows, bias):
 
 def test_pack_linear_layers_replaces_every_linear():
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4), nn.ReLU())).to(torch.bfloat16)
-    assert pack_linear_layers(model) == 2
+    assert ONEDNN.pack_layers(model) == 2
     assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
     assert model(torch.ones(3, 8, dtype=torch.bfloat16)).shape == (3, 4)
 
@@ -48,7 +50,7 @@ def test_padded_rows_are_exact_to_8_then_multiples_of_8_to_64_then_of_64():
 
 def test_warm_up_runs_each_distinct_shape_once_per_bucket(monkeypatch):
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)).to(torch.bfloat16)
-    pack_linear_layers(model)
+    ONEDNN.pack_layers(model)
     logits = PackedLinear(torch.zeros(32, 8, dtype=torch.bfloat16), None)
     calls = []
     original = PackedLinear.forward
@@ -66,10 +68,10 @@ def test_warm_up_runs_each_distinct_shape_once_per_bucket(monkeypatch):
 
 
 def test_warm_up_leaves_matmuls_too_big_to_be_worth_it_to_the_first_step(monkeypatch):
-    from splitfuse.layers import linear
+    from splitfuse.platforms.cpu import linear
 
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)).to(torch.bfloat16)
-    pack_linear_layers(model)
+    ONEDNN.pack_layers(model)
     calls = []
     original = PackedLinear.forward
     monkeypatch.setattr(PackedLinear, "forward", lambda self, x: calls.append(x.shape[0]) or original(self, x))
@@ -81,7 +83,7 @@ def test_warm_up_leaves_matmuls_too_big_to_be_worth_it_to_the_first_step(monkeyp
 def test_row_tiled_packed_linear_rows_do_not_depend_on_the_row_count():
     # oneDNN picks its kernel by row count (past 32 rows a row's rounding changes); with row_tile every
     # call runs at ROW_TILE rows, so a row is the same alone, in any batch, and padded in the last tile.
-    from splitfuse.layers.linear import ROW_TILE
+    from splitfuse.platforms.cpu.linear import ROW_TILE
 
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(1536, 576, generator=generator).to(torch.bfloat16) * 0.05

@@ -1,19 +1,18 @@
 """Prepacked linear layers for bf16 on CPU: weights reordered once at load, not on every call.
 
-``packed_linear`` picks one of two kinds per weight:
+``LinearPacker.pack`` picks one of two kinds per weight:
 
-- ``AmxLinear``, where the CPU has AMX and the input size is a multiple of 32: this project's
-  kernel (csrc/amx_linear.c) over a weight packed into AMX tiles. At decode sizes it is 2-3x
-  faster than oneDNN with the weight in cache and ~1.3x in a decode step (where the weights come
-  from memory), and it compiles nothing per row count.
+- ``AmxLinear``, where the platform runs AMX and the input size is a multiple of 32: this project's
+  kernel (csrc/amx_linear.c) over a weight packed into AMX tiles. At decode sizes it is faster
+  than oneDNN, most with the weight in cache, and it compiles nothing per row count.
 - ``PackedLinear`` elsewhere: oneDNN with a prepacked weight. F.linear in bf16 on CPU lets oneDNN
   reorder the weight into its blocked (AMX) layout on each call, which costs as much memory
-  traffic as the matmul itself; packing once makes decode-sized matmuls 1.5-4x faster on this
-  project's machines (docs/benchmarks.md).
+  traffic as the matmul itself; packing once makes decode-sized matmuls several times faster
+  (docs/benchmarks.md has the figures).
 
 Only bf16 on CPU is packed; fp32 gains nothing and keeps the plain path (and exact parity).
 
-oneDNN compiles a kernel for every new number of rows (1-12 ms the first time; a cache of
+oneDNN compiles a kernel for every new number of rows (milliseconds the first time; a cache of
 1,024 kernels after that), and a step's row count is its token count, which varies from step
 to step. So a model with ``PackedLinear`` layers runs at a few row counts only (``padded_rows``:
 the runner pads the batch with dummy tokens), and ``warm_up`` compiles all of them once at load.
@@ -28,12 +27,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from splitfuse.cpu_kernels import CpuKernels, amx_packed_columns, load_cpu_kernels
+from splitfuse.platforms.cpu.kernels import CpuKernels, amx_packed_columns
 
 logger = logging.getLogger(__name__)
 
@@ -144,34 +144,47 @@ def gate_up_order(intermediate: int) -> torch.Tensor:
     return torch.stack([blocks, blocks + intermediate], dim=1).reshape(-1)
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, gate_up: bool = False,
-                  batch_invariant: bool = False) -> AmxLinear | PackedLinear:
-    """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN.
+@dataclass(frozen=True)
+class LinearPacker:
+    """How a platform prepacks linear layers at load (bf16 on CPU): the decisions, made once, and the packing.
 
-    ``gate_up``: the weight is a gated MLP's [gate; up]; on AMX (with gate and up sizes a multiple of
-    16) the layer then returns silu(gate) * up itself (``AmxLinear.silu_mul``). ``batch_invariant``:
-    a oneDNN layer runs at ``ROW_TILE`` rows only (the AMX kernel needs nothing for it).
+    ``amx``: the kernels to run AMX layers on, None where the platform does not use AMX (no AMX here,
+    or SPLITFUSE_DISABLE_AMX). ``batch_invariant``: oneDNN layers run at ``ROW_TILE`` rows only (the
+    AMX kernel needs nothing for it).
     """
-    kernels = load_cpu_kernels()
-    if kernels is not None and kernels.amx_takes(weight):
-        return AmxLinear(weight, bias, kernels, silu_mul=gate_up and weight.shape[0] % 32 == 0)
-    return PackedLinear(weight, bias, ROW_TILE if batch_invariant else None)
 
+    amx: Optional[CpuKernels] = None
+    batch_invariant: bool = False
 
-def pack_linear_layers(module: nn.Module, batch_invariant: bool = False) -> int:
-    """Replaces every nn.Linear under ``module`` with a prepacked layer (``packed_linear``); returns how many.
+    @property
+    def row_tile(self) -> Optional[int]:
+        """The one row count of a oneDNN call, or None where any row count goes."""
+        return ROW_TILE if self.batch_invariant else None
 
-    A layer named ``gate_up_proj`` (``GatedMLP``'s [gate; up]) is packed with ``gate_up=True``.
-    """
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, packed_linear(child.weight, child.bias, gate_up=name == "gate_up_proj",
-                                                batch_invariant=batch_invariant))
-            count += 1
-        else:
-            count += pack_linear_layers(child, batch_invariant)
-    return count
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None, gate_up: bool = False
+             ) -> AmxLinear | PackedLinear:
+        """The faster prepacked layer for this weight: AMX where the kernel takes it, else oneDNN.
+
+        ``gate_up``: the weight is a gated MLP's [gate; up]; on AMX (with gate and up sizes a multiple
+        of 16) the layer then returns silu(gate) * up itself (``AmxLinear.silu_mul``).
+        """
+        if self.amx is not None and self.amx.amx_takes(weight):
+            return AmxLinear(weight, bias, self.amx, silu_mul=gate_up and weight.shape[0] % 32 == 0)
+        return PackedLinear(weight, bias, self.row_tile)
+
+    def pack_layers(self, module: nn.Module) -> int:
+        """Replaces every nn.Linear under ``module`` with a prepacked layer (``pack``); returns how many.
+
+        A layer named ``gate_up_proj`` (``GatedMLP``'s [gate; up]) is packed with ``gate_up=True``.
+        """
+        count = 0
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, self.pack(child.weight, child.bias, gate_up=name == "gate_up_proj"))
+                count += 1
+            else:
+                count += self.pack_layers(child)
+        return count
 
 
 def padded_rows(rows: int) -> int:

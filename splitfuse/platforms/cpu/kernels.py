@@ -1,10 +1,10 @@
-"""Builds and loads the C kernels in ``csrc/`` for the CPU, once per machine, cached on disk.
+"""Builds and loads the C kernels in ``csrc/`` for the CPU, once per machine, cached on disk; ``CpuKernels`` wraps them.
 
 The sources are compiled with the machine's C compiler (``cc``, or $CC) and ``-march=native``
-into ``<cache root>/kernels/<hash>.so``; the hash covers the sources, the flags, the compiler
-and the CPU, so a cache shared between machines never loads code built for another CPU.
-No compiler, a failed build or SPLITFUSE_DISABLE_CPU_KERNELS=1 gives None, and callers use
-torch ops instead. ``CpuKernels`` wraps the C functions for tensors.
+into ``<cache root>/kernels/<hash>.so``; the hash covers the sources, the header generated from
+``c_interface.py``, the flags, the compiler and the CPU, so a cache shared between machines never
+loads code built for another CPU. No compiler or a failed build gives None, and the platform
+(``splitfuse/platforms``) runs torch ops instead; whether to use the kernels at all is its call.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch  # loads torch's OpenMP runtime first, so the kernels share its thread pool
 
-from splitfuse.models.sources import default_cache_root
+from splitfuse.cache_root import default_cache_root
+from splitfuse.platforms.cpu import c_interface
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ _SOURCES = {"paged_attention.c": ["-fno-math-errno"], "fused_ops.c": ["-ffast-ma
             "decoder.c": []}
 if platform.machine() in ("x86_64", "AMD64"):
     # gcc vectorizes with 256-bit registers by default even where AVX-512 is there; the bf16
-    # element-wise loops run about 1.5x faster with 512 (on CPUs without AVX-512 it is a no-op).
+    # element-wise loops run faster with 512 (on CPUs without AVX-512 it is a no-op).
     _SOURCES["fused_ops.c"].append("-mprefer-vector-width=512")
 DTYPE_CODES = {torch.bfloat16: 0, torch.float32: 1}
 
@@ -59,43 +60,53 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
 
 
-def _build(compiler: str, path: str) -> None:
+def compile_source(compiler: str, name: str, header: str, scratch: str) -> str:
+    """Compiles ``csrc/<name>`` against ``header`` (written into ``scratch``); returns the object's path."""
+    with open(os.path.join(scratch, c_interface.HEADER_NAME), "w") as f:
+        f.write(header)
+    target = os.path.join(scratch, name.replace(".c", ".o"))
+    _run([compiler, *_FLAGS, *_SOURCES[name], "-I", scratch, "-c", os.path.join(_CSRC, name), "-o", target])
+    return target
+
+
+def _build(compiler: str, header: str, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Build in a scratch folder beside the target and rename, so concurrent processes never load a
     # half-written file.
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
-        objects = []
-        for name, flags in _SOURCES.items():
-            objects.append(os.path.join(scratch, name.replace(".c", ".o")))
-            _run([compiler, *_FLAGS, *flags, "-c", os.path.join(_CSRC, name), "-o", objects[-1]])
+        objects = [compile_source(compiler, name, header, scratch) for name in _SOURCES]
         library = os.path.join(scratch, "kernels.so")
         _run([compiler, *_FLAGS, "-shared", *objects, "-o", library, "-lm"])
         os.replace(library, path)
 
 
-def load_cpu_kernels() -> Optional[CpuKernels]:
-    """The compiled kernels, or None when they cannot be built here or SPLITFUSE_DISABLE_CPU_KERNELS is set."""
-    if os.environ.get("SPLITFUSE_DISABLE_CPU_KERNELS"):
-        return None
-    return _build_and_load()
+def cache_key(compiler: str, header: str) -> str:
+    """What the built library depends on: flags, compiler, CPU, the generated header, every file in csrc/."""
+    parts = [repr((_FLAGS, _SOURCES)).encode(), _compiler_version(compiler).encode(), _cpu_id().encode(),
+             header.encode()]
+    for name in sorted(os.listdir(_CSRC)):  # the sources and the headers they include
+        with open(os.path.join(_CSRC, name), "rb") as f:
+            parts.append(f.read())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def c_compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 @functools.lru_cache(maxsize=None)
-def _build_and_load() -> Optional[CpuKernels]:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def build_cpu_kernels() -> Optional[CpuKernels]:
+    """The compiled kernels (built on the first call in a process, loaded from the cache after), or None."""
+    compiler = c_compiler()
     if compiler is None:
-        logger.warning("no C compiler found; CPU attention falls back to torch ops (slower)")
+        logger.warning("no C compiler found; the CPU runs torch ops instead of the C kernels (slower)")
         return None
+    header = c_interface.header_text()
     try:
-        parts = [repr((_FLAGS, _SOURCES)).encode(), _compiler_version(compiler).encode(), _cpu_id().encode()]
-        for name in sorted(os.listdir(_CSRC)):  # the sources and the headers they include
-            with open(os.path.join(_CSRC, name), "rb") as f:
-                parts.append(f.read())
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        path = os.path.join(default_cache_root(), "kernels", f"cpu-kernels-{key}.so")
+        path = os.path.join(default_cache_root(), "kernels", f"cpu-kernels-{cache_key(compiler, header)}.so")
         if not os.path.exists(path):
             logger.info("building the CPU kernels into %s", path)
-            _build(compiler, path)
+            _build(compiler, header, path)
         library = ctypes.CDLL(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("could not build the CPU kernels; falling back to torch ops: %s", error)
@@ -103,53 +114,23 @@ def _build_and_load() -> Optional[CpuKernels]:
     return CpuKernels(library)
 
 
-_I32, _I64, _PTR, _F32 = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-_SIGNATURES = {  # name -> argument types (every function returns void or int)
-    "paged_attention": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
-                        _F32, _I32, _I64],
-    "rms_norm": [_I32, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _F32],
-    "rotary_embedding": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I64, _I64],
-    "silu_and_mul": [_I32, _PTR, _PTR, _I64, _I32],
-    "write_kv_cache": [_I32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I32, _I64, _I64],
-    "argmax_rows": [_I32, _PTR, _PTR, _I64, _I64, _I64],
-    "amx_linear": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
-    "amx_linear_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64],
-    "amx_pack_weight": [_PTR, _PTR, _I64, _I64],
-    "amx_linear_available": [],
-    "decoder_layers": [_PTR, _I32, _PTR, _PTR, _PTR],
-    "paged_attention_max_rows": [],
-    "paged_attention_max_head_dim": [],
-    "paged_attention_max_block_size": [],
-}
-
-
 def amx_packed_columns(out_features: int) -> int:
     """Columns of an AMX-packed weight (csrc/amx_linear.c): out_features padded with zeros to a multiple of 32."""
     return -(-out_features // 32) * 32
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: on the CPU, all bf16 or all fp32, rows of unit stride."""
-    dtype = tensors[0].dtype
-    if dtype not in DTYPE_CODES:
-        return False
-    for tensor in tensors:  # a plain loop: this runs a few dozen times per step
-        if tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.stride(-1) != 1:
-            return False
-    return True
-
-
 class CpuKernels:
-    """Tensor-level wrappers; callers check ``applies`` first (dtype, device, unit stride)."""
+    """Tensor-level wrappers: CPU tensors, all bf16 or all fp32 (``DTYPE_CODES``), each row of unit stride.
+
+    The platform hands them only such tensors (it chose them for the model's dtype and layout);
+    the checks left here guard sizes a C loop trusts.
+    """
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        for name, argtypes in _SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes = argtypes
-            function.restype = _I32 if name.startswith(("paged_attention_max", "amx_linear_available")) else None
+        c_interface.bind(library)
         self.library = library
         # AMX needs the CPU (the build has it only with -march=native on an AMX CPU) and Linux's permission.
-        self.has_amx = bool(library.amx_linear_available()) and not os.environ.get("SPLITFUSE_DISABLE_AMX")
+        self.amx_available = bool(library.amx_linear_available())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -183,9 +164,9 @@ class CpuKernels:
                                     key.shape[1] * key.shape[2], key.stride(0), value.stride(0))
 
     def amx_takes(self, weight: torch.Tensor) -> bool:
-        """Whether ``amx_linear`` serves this [out, in] weight: AMX here, bf16 on the CPU, in a multiple of 32."""
-        return (self.has_amx and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-                and weight.dim() == 2 and weight.shape[1] % 32 == 0)
+        """Whether ``amx_linear`` serves this [out, in] weight: bf16 on the CPU, its input size a multiple of 32."""
+        return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+                and weight.shape[1] % 32 == 0)
 
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """weight [N, K] bf16 -> the tile layout ``amx_linear`` reads (csrc/amx_linear.c), N padded to 32."""

@@ -35,6 +35,7 @@
 #endif
 
 #include "bf16.h"
+#include "splitfuse_kernels.h"
 #include "vector_math.h"
 
 #define MAX_ROWS 32        /* query rows (tokens x heads of one KV group) per work item */

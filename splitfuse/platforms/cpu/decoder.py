@@ -1,10 +1,12 @@
 """A step's Llama decoder layers in one C call (csrc/decoder.c): the Python forward without the Python.
 
-The layer-by-layer forward spends ~1.5 ms of a decode step in Python between ~80 kernel calls;
-``CpuDecoder.run`` makes them from C, with the same arguments in the same order, so the results
-are the same bit for bit. It serves bf16 Llama-family models whose linear layers all run on the
-AMX kernel (no q/k norms, no MoE), in steps whose attention is all the paged kernel's (no prompt
-chunk long enough for SDPA); ``CpuDecoder.build`` returns None for a model it cannot serve.
+The layer-by-layer forward spends a good part of a decode step in Python between its ~80 kernel
+calls (docs/benchmarks.md); ``CpuDecoder.run`` makes them from C, with the same arguments in the
+same order, so the results are the same bit for bit. It serves bf16 Llama-family models whose
+linear layers all run on the AMX kernel (no q/k norms, no MoE), in steps whose attention is all
+the paged kernel's (no prompt chunk long enough for SDPA); ``CpuDecoder.build`` returns None for
+a model it cannot serve. It reads the model's layers by their attribute names (``self_attn``,
+``mlp.gate_up_proj``, ...), so it needs nothing from the model's module.
 """
 
 from __future__ import annotations
@@ -14,26 +16,13 @@ from typing import Any, Optional
 
 import torch
 
-from splitfuse.attention.cpu_paged import CpuPagedBackend, CpuPagedMetadata
-from splitfuse.cpu_kernels import load_cpu_kernels
-from splitfuse.layers.linear import AmxLinear
+from splitfuse.platforms.cpu.attention import CpuPagedBackend, CpuPagedMetadata
+from splitfuse.platforms.cpu.c_interface import DECODER_LAYER, DECODER_STEP, structure
+from splitfuse.platforms.cpu.kernels import CpuKernels
+from splitfuse.platforms.cpu.linear import AmxLinear
 
-_P, _I64 = ctypes.c_void_p, ctypes.c_int64
-
-
-class _Layer(ctypes.Structure):  # csrc/decoder.c's decoder_layer
-    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P),
-                ("qkv_bias", _P), ("o_bias", _P), ("gate_up_bias", _P), ("down_bias", _P),
-                ("key_cache", _P), ("value_cache", _P), ("window", _I64)]
-
-
-class _Step(ctypes.Structure):  # csrc/decoder.c's decoder_step
-    _fields_ = [("tokens", _I64), ("hidden", _I64), ("intermediate", _I64), ("num_heads", _I64),
-                ("num_kv_heads", _I64), ("head_dim", _I64), ("block_size", _I64), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("positions", _P), ("cos", _P), ("sin", _P), ("slot_mapping", _P),
-                ("block_tables", _P), ("block_table_stride", _I64), ("query_start_loc", _P),
-                ("context_lens", _P), ("requests", _P), ("num_requests", _I64), ("normed", _P), ("qkv", _P),
-                ("attention", _P), ("activation", _P)]
+_Layer = structure(DECODER_LAYER)
+_Step = structure(DECODER_STEP)
 
 
 def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
@@ -49,23 +38,21 @@ class CpuDecoder:
         self.intermediate_size = first.mlp.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.eps, self.scale, self.rotary = first.input_layernorm.eps, attn.scale, attn.rotary
-        self._function = library.decoder_layers  # (its argument types are set in cpu_kernels._SIGNATURES)
+        self._function = library.decoder_layers  # (its argument types are set from c_interface.py)
         self._structs: Optional[ctypes.Array] = None
         self._kv_pointers: list[tuple[int, int]] = []
 
     @classmethod
-    def build(cls, model: Any) -> Optional[CpuDecoder]:
-        """The fused decoder for this model, or None where it does not apply (see the module docstring)."""
-        from splitfuse.models.llama import GatedMLP  # (llama imports this module)
-
-        kernels = load_cpu_kernels()
-        if kernels is None or not kernels.has_amx or not len(model.layers):
+    def build(cls, model: Any, kernels: CpuKernels) -> Optional[CpuDecoder]:
+        """The fused decoder for this model's packed layers, or None where it does not apply (module docstring)."""
+        if not len(model.layers):
             return None
         first = model.layers[0]
         constants = (first.input_layernorm.eps, first.self_attn.scale, first.self_attn.rotary)
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if (not isinstance(mlp, GatedMLP) or attn.q_norm is not None
+            # A gated MLP has gate_up_proj and down_proj (a mixture of experts has neither).
+            if (not hasattr(mlp, "gate_up_proj") or not hasattr(mlp, "down_proj") or attn.q_norm is not None
                     or not isinstance(attn.backend, CpuPagedBackend)):
                 return None
             linears = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
@@ -76,13 +63,14 @@ class CpuDecoder:
                 return None
         return cls(model.layers, kernels.library)
 
-    def takes(self, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-              attn_metadata: Any) -> bool:
-        """Whether this step fits: its attention all the paged kernel's (no SDPA chunks), int64 positions."""
-        return (isinstance(attn_metadata, CpuPagedMetadata) and not attn_metadata.chunks
-                and positions.dtype == torch.int64 and positions.is_contiguous()
-                and attn_metadata.slot_mapping.dtype == torch.int64 and attn_metadata.slot_mapping.is_contiguous()
-                and kv_caches[0][0].dtype == torch.bfloat16)
+    @staticmethod
+    def takes(attn_metadata: CpuPagedMetadata) -> bool:
+        """Whether this step fits: its attention all the paged kernel's (no SDPA chunks).
+
+        Everything else was settled at build: the backend is the paged kernel's (so the metadata is
+        its), the model is bf16 (so is its KV cache), and the runner's positions and slots are int64.
+        """
+        return not attn_metadata.chunks
 
     def _layer_structs(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> ctypes.Array:
         kv_pointers = [(key.data_ptr(), value.data_ptr()) for key, value in kv_caches]

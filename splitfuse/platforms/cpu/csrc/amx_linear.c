@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "splitfuse_kernels.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)  /* every AMX CPU has AVX512-BF16 */
 #define SPLITFUSE_AMX 1
 #include <immintrin.h>
@@ -48,7 +50,7 @@ int amx_linear_available(void) {
 #endif
 }
 
-/* packed holds (n rounded up to 32) * k elements (cpu_kernels.py's amx_packed_columns). */
+/* packed holds (n rounded up to 32) * k elements (platforms/cpu/kernels.py's amx_packed_columns). */
 
 void amx_pack_weight(uint16_t *restrict packed, const uint16_t *restrict weight, int64_t n, int64_t k) {
     const int64_t ksteps = k / 32, pairs = (n + 31) / 32;

@@ -3,7 +3,7 @@
  * At decode batch sizes every torch op costs more in dispatch and in the fp32 round trips
  * (x.float() ... .to(bf16)) than in arithmetic; these do the same math in one loop, rounding
  * to the model dtype at the points the torch code does, so both paths agree to rounding.
- * Built with -ffast-math (see cpu_kernels.py) so the loops, exp included, vectorize.
+ * Built with -ffast-math (see platforms/cpu/kernels.py) so the loops, exp included, vectorize.
  *
  * dtype: 0 bf16, 1 fp32.  Rows are tokens; a row stride is in elements.
  */
@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "splitfuse_kernels.h"
 
 #define PARALLEL_MIN_ELEMENTS 4096  /* below this, threads cost more than they save */
 

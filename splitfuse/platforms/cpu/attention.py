@@ -1,8 +1,8 @@
 """CPU paged attention: a C kernel that reads the paged KV cache in place (and SDPA for long chunks, if asked).
 
-Decodes and prompt chunks go to the kernel in ``csrc/`` (one call per layer for all of them):
-it walks each request's block table, so no context is copied out of the cache, which is
-where the torch-native backend spends most of a decode step. Each query row's arithmetic in
+Decodes and prompt chunks go to the kernel in ``csrc/paged_attention.c`` (one call per layer for
+all of them): it walks each request's block table, so no context is copied out of the cache,
+which is where the torch-native backend spends most of a decode step. Each query row's arithmetic in
 the kernel is the same whatever else is in the call (its keys in one fixed order of 16-key
 sub-blocks; rows that share key loads never share sums), so a row's result does not depend on
 its batch, its chunk or whether its prefix came from the cache: that is ``batch_invariant``.
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
-from splitfuse.attention.backend import BatchLayout, strip_padding, write_kv_cache
+from splitfuse.attention.backend import BatchLayout, strip_padding, token_major_kv_cache_shape
 from splitfuse.attention.torch_native import ChunkPlan, TorchNativeBackend, run_chunks
-from splitfuse.cpu_kernels import DTYPE_CODES, applies, load_cpu_kernels
+from splitfuse.platforms.cpu.kernels import DTYPE_CODES, CpuKernels
+
+if TYPE_CHECKING:
+    from splitfuse.models.config import ArchConfig
 
 # Longer chunks go to SDPA (measured with benchmarks/attention_kernel.py: the kernel is faster
 # at 16 new tokens, slower from 64 on, with or without a cached context).
@@ -42,27 +45,26 @@ class CpuPagedMetadata:
     pointers: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-def cpu_kernel_supported(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int,
-                         head_dim: int, block_size: int) -> bool:
-    """Whether the C kernel can serve this model here (else the torch-native backend does)."""
-    kernels = load_cpu_kernels() if device.type == "cpu" and dtype in DTYPE_CODES else None
-    if kernels is None:
-        return False
+def cpu_kernel_supported(kernels: CpuKernels, arch: Optional[ArchConfig], block_size: Optional[int]) -> bool:
+    """Whether the C kernel can serve this model's attention (its limits are compiled in); None: not checked."""
     library = kernels.library
-    return (num_heads // num_kv_heads <= library.paged_attention_max_rows()
-            and head_dim <= library.paged_attention_max_head_dim()
-            and block_size <= library.paged_attention_max_block_size())
+    heads_fit = arch is None or (arch.num_heads // arch.num_kv_heads <= library.paged_attention_max_rows()
+                                 and arch.head_dim <= library.paged_attention_max_head_dim())
+    return heads_fit and (block_size is None or block_size <= library.paged_attention_max_block_size())
 
 
 class CpuPagedBackend:
-    def __init__(self, batch_invariant: bool = False) -> None:
-        kernels = load_cpu_kernels()
-        if kernels is None:
-            raise RuntimeError("the CPU kernels are not available on this machine")
+    """Serves CPU tensors in bf16 or fp32 (the platform picks it only there), query/key/value as the model
+    makes them: views of one fused qkv output, each head's values contiguous."""
+
+    def __init__(self, kernels: CpuKernels, batch_invariant: bool = False) -> None:
         self._kernels = kernels
         self._kernel = kernels.library.paged_attention
         self._chunk_planner = TorchNativeBackend(torch.device("cpu"))
         self.batch_invariant = batch_invariant
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return token_major_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
 
     def plan(self, layout: BatchLayout, sliding_windows: tuple[Optional[int], ...]) -> CpuPagedMetadata:
         to_sdpa = (np.zeros(len(layout.query_lens), dtype=bool) if self.batch_invariant
@@ -84,10 +86,7 @@ class CpuPagedBackend:
                 scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
         key, value, output = strip_padding(query, key, value, metadata.slot_mapping.shape[0])
-        if applies(key, value) and key.stride(1) == key.shape[2] and value.stride(1) == value.shape[2]:
-            self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
-        else:
-            write_kv_cache(kv_cache, key, value, metadata.slot_mapping)
+        self._kernels.write_kv_cache(key_cache, value_cache, key, value, metadata.slot_mapping)
         if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
             query = query.contiguous()
         requests = metadata.kernel_requests
