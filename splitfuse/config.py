@@ -60,6 +60,9 @@ class ModelConfig:
         "Make a request's tokens independent of its batch (bfloat16 on CPU): every attention row through "
         "the C kernel's one reduction order, oneDNN matmuls at one fixed row count. Off trades that for "
         "speed on long prompt chunks (SDPA).", default=True)
+    core_process: bool = _help(
+        "Run the engine core (scheduler + model) in its own process, fed over ZeroMQ; the frontend process "
+        "tokenizes, detokenizes and serves HTTP.", default=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

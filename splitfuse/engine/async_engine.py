@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Optional, Protocol
 
+from splitfuse.engine.llm_engine import NewRequest
 from splitfuse.engine.llm_engine import QueueFullError  # re-exported: the engine refuses, the server says 429
 from splitfuse.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from splitfuse.sampling_params import SamplingParams
@@ -357,6 +358,7 @@ class AsyncLLMEngine:
             while True:
                 idle = not self.engine.has_unfinished_requests()
                 if not self._handle_commands(block=idle):
+                    self.engine.shutdown()  # on this thread, like every call into the engine: stops a core process
                     return
                 if self.engine.has_unfinished_requests():
                     self._step()
@@ -371,12 +373,15 @@ class AsyncLLMEngine:
             command = self._commands.get(block=block)
         except queue.Empty:
             return True
+        adds: list[_Add] = []  # consecutive adds go to the engine together: one exchange with its core
         while True:
-            if command is _STOP:
-                return False
             if isinstance(command, _Add):
-                self._add(command)
+                adds.append(command)
             else:
+                self._add(adds)
+                adds = []
+                if command is _STOP:
+                    return False
                 live = [rid for rid in command.request_ids if rid in self._live_ids]
                 if live:
                     self.engine.abort_request(live)
@@ -384,20 +389,26 @@ class AsyncLLMEngine:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
+                self._add(adds)
                 # Aborts free blocks without a step: refresh the snapshot so /metrics sees it.
                 self._stats = self.engine.get_stats()
                 return True
 
-    def _add(self, command: _Add) -> None:
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    arrival_time=command.arrival_time, priority=command.priority,
-                                    output_kind=RequestOutputKind.DELTA)
-        except Exception as error:  # ValueError (QueueFullError too) for a refused request; anything else as well
-            self._post(command.stream._fail, error)
+    def _add(self, commands: list[_Add]) -> None:
+        if not commands:
             return
-        self._live_ids.add(command.request_id)
-        self._post(_accept, command.stream)
+        try:
+            errors = self.engine.add_requests([
+                NewRequest(c.request_id, c.prompt, c.params, c.arrival_time, c.priority, RequestOutputKind.DELTA)
+                for c in commands])
+        except Exception as error:  # not a refusal: the engine failed to take them at all
+            errors = [error] * len(commands)
+        for command, error in zip(commands, errors):
+            if error is not None:  # ValueError (QueueFullError too) for a refused request
+                self._post(command.stream._fail, error)
+                continue
+            self._live_ids.add(command.request_id)
+            self._post(_accept, command.stream)
 
     def _step(self) -> None:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ schedule -> execute -> update once and returns what is new; ``abort_requests`` f
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from splitfuse.config import EngineConfig
 from splitfuse.clock import Clock, WallClock
@@ -22,6 +22,9 @@ from splitfuse.engine.protocol import EngineCoreOutputs, EngineCoreRequest, Sche
 from splitfuse.engine.request import Request, RequestStatus
 from splitfuse.engine.scheduler import Scheduler
 from splitfuse.worker.executor import Executor
+
+if TYPE_CHECKING:
+    from splitfuse.engine.resolved_config import ResolvedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +45,13 @@ class EngineCore:
         self.computed_tokens_total = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig, setup=None) -> "EngineCore":
+    def from_config(cls, config: EngineConfig, resolved: Optional[ResolvedConfig] = None) -> "EngineCore":
         """The real engine: the checkpoint's model in a ModelRunner, on the wall clock."""
         from splitfuse.engine.resolved_config import resolve_config
         from splitfuse.worker.executor import UniProcExecutor
         from splitfuse.worker.model_runner import ModelRunner
 
-        setup = setup or resolve_config(config)
+        setup = resolved or resolve_config(config)
         kv_cache = KVCacheManager(setup.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         scheduler = Scheduler(config.scheduler, kv_cache, eos_token_ids=setup.eos_token_ids,
                               max_model_len=setup.max_model_len)

@@ -8,28 +8,43 @@ through an ``EngineCoreClient`` (in this thread by default, or in another proces
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+from splitfuse.clock import Clock
 from splitfuse.config import EngineConfig
 from splitfuse.engine.core import EngineCore, QueueFullError
-from splitfuse.engine.core_client import EngineCoreClient, InProcClient
+from splitfuse.engine.core_client import EngineCoreClient, InProcClient, MPClient
 from splitfuse.engine.input_processor import InputProcessor, PromptType, prompt_too_long_message
 from splitfuse.engine.output_processor import OutputProcessor
-from splitfuse.engine.protocol import SchedulerStats
+from splitfuse.engine.protocol import EngineCoreRequest, SchedulerStats
 from splitfuse.engine.resolved_config import ResolvedConfig, resolve_config
 from splitfuse.outputs import RequestOutput, RequestOutputKind
 from splitfuse.sampling_params import SamplingParams
 
-__all__ = ["EngineStats", "LLMEngine", "PromptType", "QueueFullError", "prompt_too_long_message"]
+__all__ = ["EngineStats", "LLMEngine", "NewRequest", "PromptType", "QueueFullError", "prompt_too_long_message"]
 
 logger = logging.getLogger(__name__)
 
 EngineStats = SchedulerStats  # what get_stats returns: the core's numbers after its latest step
 
 
+@dataclass
+class NewRequest:
+    """One request to add (``LLMEngine.add_requests``)."""
+
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: Optional[float] = None
+    priority: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, client: Optional[EngineCoreClient] = None,
-                 resolved: Optional[ResolvedConfig] = None) -> None:
+                 resolved: Optional[ResolvedConfig] = None, clock: Optional[Clock] = None) -> None:
+        """``clock`` stamps arrival times (the wall clock by default; a virtual one beside a virtual core)."""
         self.config = config
         resolved = resolved or resolve_config(config)
         self.resolved = resolved
@@ -39,10 +54,11 @@ class LLMEngine:
         self.vocab_size = resolved.arch.vocab_size
         self.input_processor = InputProcessor(
             self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-            max_num_tokens_in_cache=resolved.num_blocks * config.cache.block_size)
+            max_num_tokens_in_cache=resolved.num_blocks * config.cache.block_size, clock=clock)
         self.output_processor = OutputProcessor(self.tokenizer)
+        if client is None and config.model.core_process:
+            client = MPClient(config)  # the child resolves the config again: the same files give the same numbers
         self.client = client or InProcClient(EngineCore.from_config(config, resolved))
-        self._stats: Optional[SchedulerStats] = self.client.stats()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -59,14 +75,36 @@ class LLMEngine:
                     arrival_time: Optional[float] = None, priority: int = 0,
                     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """Queues a request; raises ValueError naming the problem (nothing is queued then)."""
-        if self.output_processor.has_request(request_id):
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_token_ids, core_requests = self.input_processor.process(request_id, prompt, params,
-                                                                       arrival_time, priority)
-        self.client.add_requests(core_requests)
-        self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
-                                          prompt_token_ids, params, [r.request_id for r in core_requests],
-                                          core_requests[0].arrival_time, output_kind)
+        (error,) = self.add_requests([NewRequest(request_id, prompt, params, arrival_time, priority, output_kind)])
+        if error is not None:
+            raise error
+
+    def add_requests(self, requests: list[NewRequest]) -> list[Optional[Exception]]:
+        """Queues several requests in one exchange with the core; per request, None or why it was refused."""
+        results: list[Optional[Exception]] = [None] * len(requests)
+        accepted: list[tuple[int, list[int], list[EngineCoreRequest]]] = []
+        ids_in_batch: set[str] = set()
+        for index, new in enumerate(requests):
+            try:
+                if self.output_processor.has_request(new.request_id) or new.request_id in ids_in_batch:
+                    raise ValueError(f"request id {new.request_id!r} is already in use")
+                prompt_token_ids, core_requests = self.input_processor.process(
+                    new.request_id, new.prompt, new.params, new.arrival_time, new.priority)
+            except (ValueError, TypeError) as error:
+                results[index] = error
+                continue
+            ids_in_batch.add(new.request_id)
+            accepted.append((index, prompt_token_ids, core_requests))
+        refusals = self.client.add_request_groups([core_requests for _, _, core_requests in accepted])
+        for (index, prompt_token_ids, core_requests), refusal in zip(accepted, refusals):
+            if refusal is not None:
+                results[index] = refusal
+                continue
+            new = requests[index]
+            self.output_processor.add_request(new.request_id, new.prompt if isinstance(new.prompt, str) else None,
+                                              prompt_token_ids, new.params, [r.request_id for r in core_requests],
+                                              core_requests[0].arrival_time, new.output_kind)
+        return results
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
         """Stops requests at once and frees their KV blocks; unknown ids are ignored."""
@@ -84,8 +122,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One core step; returns outputs of requests that changed (per their output kind)."""
         core_outputs = self.client.get_output()
-        if core_outputs.scheduler_stats is not None:
-            self._stats = core_outputs.scheduler_stats
         processed = self.output_processor.process(core_outputs)
         if processed.sequences_to_abort:  # ended by a stop string: free their blocks before the next step
             self.client.abort_requests(processed.sequences_to_abort)
@@ -93,9 +129,7 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         """The core's numbers after its latest step (an abort between steps is seen after the next one)."""
-        if self.engine_core is not None:
-            return self.engine_core.stats()
-        return self._stats
+        return self.client.stats()
 
     def shutdown(self) -> None:
         self.client.shutdown()

@@ -57,6 +57,7 @@ class FakeEngine:
         self.fail_next_step = False
         self.fail_aborts = False
         self.aborted: list[str] = []
+        self.shut_down = False
         self.calls_has_unfinished = 0
         self.thread_ids: set[int] = set()  # every thread that called into the engine
 
@@ -72,6 +73,18 @@ class FakeEngine:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.requests[request_id] = (list(prompt), params, [])
 
+    def add_requests(self, requests) -> list:
+        """LLMEngine.add_requests: each NewRequest as add_request takes it; per request, None or its error."""
+        errors = []
+        for new in requests:
+            try:
+                self.add_request(new.request_id, new.prompt, new.params, new.arrival_time, new.priority,
+                                 new.output_kind)
+                errors.append(None)
+            except ValueError as error:
+                errors.append(error)
+        return errors
+
     def abort_request(self, request_ids) -> None:
         self.thread_ids.add(threading.get_ident())
         if self.fail_aborts:
@@ -79,6 +92,10 @@ class FakeEngine:
         for request_id in request_ids:
             if self.requests.pop(request_id, None) is not None:
                 self.aborted.append(request_id)
+
+    def shutdown(self) -> None:
+        self.thread_ids.add(threading.get_ident())
+        self.shut_down = True
 
     def has_unfinished_requests(self) -> bool:
         self.calls_has_unfinished += 1
@@ -257,6 +274,7 @@ def test_shutdown_refuses_new_requests_and_aborts_unfinished_ones_after_the_time
     fake, engine, short_outputs = run(main)
     assert short_outputs[-1].finished  # in-flight work inside the timeout completes
     assert fake.aborted == ["long"] and not engine.is_alive
+    assert fake.shut_down  # the engine (and a core process behind it) is stopped too, from the engine thread
 
 
 def test_idle_engine_thread_blocks_instead_of_polling():
