@@ -76,7 +76,7 @@ def make_engine(tokenizer, *, num_blocks=64, block_size=4, budget=64, max_num_se
                                       max_waiting_requests=max_waiting_requests,
                                       max_waiting_tokens=max_waiting_tokens, vocab_size=resolved.arch.vocab_size,
                                       **executor_kwargs)
-    return LLMEngine(config, client=InProcClient(core), resolved=resolved), executor, clock
+    return LLMEngine(config, client=InProcClient(core), resolved=resolved, clock=clock), executor, clock
 
 
 def run_engine(engine):
@@ -235,7 +235,7 @@ def test_request_metrics_are_exact_virtual_times(tiny_tokenizer):
                                    step_time_s=lambda num_tokens, num_requests: 1.0 + num_tokens)
     engine.add_request("a", list(range(10, 16)), SamplingParams(max_tokens=2), arrival_time=0.0)
     engine.step()                                # a's prompt: 0 -> 7 s
-    engine.add_request("b", list(range(20, 24)), SamplingParams(max_tokens=1), arrival_time=clock.now())
+    engine.add_request("b", list(range(20, 24)), SamplingParams(max_tokens=1))  # arrives now: the engine's clock
     (a,) = engine.step()                         # a's decode: 7 -> 9 s; b waits for the one seat
     (b,) = engine.step()                         # b's prompt: 9 -> 14 s
     assert a.metrics == RequestMetrics(arrival_time=0.0, first_scheduled_time=0.0, first_token_time=7.0,
