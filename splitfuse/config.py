@@ -60,9 +60,6 @@ class ModelConfig:
         "Make a request's tokens independent of its batch (bfloat16 on CPU): every attention row through "
         "the C kernel's one reduction order, oneDNN matmuls at one fixed row count. Off trades that for "
         "speed on long prompt chunks (SDPA).", default=True)
-    core_process: bool = _help(
-        "Run the engine core (scheduler + model) in its own process, fed over ZeroMQ; the frontend process "
-        "tokenizes, detokenizes and serves HTTP.", default=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -124,18 +121,46 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting_tokens must be >= 1, got {self.max_waiting_tokens}")
 
 
+ROUTING_POLICIES = ("round-robin", "least-load", "cache-aware", "session")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    core_process: bool = _help(
+        "Run the engine core (scheduler + model) in its own process, fed over ZeroMQ; the frontend process "
+        "tokenizes, detokenizes and serves HTTP.", default=False)
+    replicas: int = _help(
+        "Engine cores behind one frontend, each in its own process; a router picks one per request "
+        "(1: a single core, where --core-process decides where it runs).", default=1)
+    threads_per_replica: Optional[int] = _help(
+        "CPU threads (cores, pinned) of each replica (default: the machine's cores split evenly).", default=None)
+    routing: str = _help(
+        "How the router picks a replica: round-robin, least-load, cache-aware (the longest cached prefix "
+        "from the replicas' KV events, unless the load is imbalanced) or session.", default="cache-aware")
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.threads_per_replica is not None and self.threads_per_replica < 1:
+            raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Build from flat keyword arguments (``LLM(model=..., block_size=...)``); unknown names raise."""
         parts = {}
         remaining = dict(kwargs)
-        for name, config_cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        for name, config_cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
+                                 ("parallel", ParallelConfig)):
             names = {f.name for f in dataclasses.fields(config_cls)}
             parts[name] = config_cls(**{k: remaining.pop(k) for k in list(remaining) if k in names})
         if remaining:

@@ -134,7 +134,8 @@ class EngineCore:
             kv_cache_usage=kv_cache.usage, prefix_cache_queries=kv_cache.prefix_cache_queries,
             prefix_cache_hits=kv_cache.prefix_cache_hits, num_preemptions=scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            computed_tokens_total=self.computed_tokens_total, num_steps=self.num_steps)
+            computed_tokens_total=self.computed_tokens_total, num_steps=self.num_steps,
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in scheduler.waiting))
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -113,7 +113,9 @@ class MPClient:
 
     SHUTDOWN_TIMEOUT_S = 10.0
 
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0,
+                 cpu_ids: Optional[list[int]] = None) -> None:
+        """``cpu_ids``: the cores the child is pinned to, one torch thread each (None: as this process)."""
         socket_dir = tempfile.mkdtemp(prefix="splitfuse-core-")  # 0700: only this user can connect
         input_address, output_address = f"ipc://{socket_dir}/input", f"ipc://{socket_dir}/output"
         context = zmq.Context()
@@ -128,7 +130,7 @@ class MPClient:
         self._buffer: deque[Union[EngineCoreOutputs, EngineCoreError]] = deque()
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name="splitfuse-engine-core", daemon=True,
-            args=(config, input_address, output_address, logging.getLogger("splitfuse").getEffectiveLevel()))
+            args=(config, input_address, output_address, logging.getLogger("splitfuse").getEffectiveLevel(), cpu_ids))
         # Runs once: at shutdown(), when this client is collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_core_process, self._process, context, self._input,
                                            self._encoder.encode(Shutdown()), socket_dir, self.SHUTDOWN_TIMEOUT_S)
@@ -170,6 +172,22 @@ class MPClient:
         request_ids = list(request_ids)
         if request_ids:
             self._send(AbortRequests(request_ids))
+
+    def wait_handles(self) -> list:
+        """What a poller over several clients waits on: the output socket and the child's exit."""
+        return [self._output, self._process.sentinel]
+
+    def take_output(self) -> Optional[EngineCoreOutputs]:
+        """The next step's outputs if they have arrived (kept ones first), else None; never waits."""
+        while not self._buffer:
+            message = self._receive(timeout_ms=0)
+            if message is None:
+                return None
+            self._keep(message)
+        item = self._buffer.popleft()
+        if isinstance(item, EngineCoreError):
+            raise EngineCoreStepError(item.message, item.request_ids)
+        return item
 
     def get_output(self) -> EngineCoreOutputs:
         """The next step's outputs, kept ones first; blocks (forever, if the core has nothing unfinished)."""

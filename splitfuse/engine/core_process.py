@@ -35,9 +35,10 @@ import signal
 import threading
 import traceback
 from multiprocessing.connection import wait
-from typing import Union
+from typing import Optional, Union
 
 import msgspec
+import torch
 import zmq
 
 from splitfuse.config import EngineConfig
@@ -103,9 +104,15 @@ OutputMessage = Union[Ready, StartupError, AddAck, EngineCoreError, StepOutputs]
 # -- the child process --------------------------------------------------------------------------------
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str,
-                    log_level: int = logging.INFO) -> None:
-    """The child's entry point (a ``multiprocessing`` target): build the core, report, serve until Shutdown."""
+                    log_level: int = logging.INFO, cpu_ids: Optional[list[int]] = None) -> None:
+    """The child's entry point (a ``multiprocessing`` target): build the core, report, serve until Shutdown.
+
+    ``cpu_ids``: pin this process to these cores and run one torch thread on each (a replica's share).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpu_ids:
+        os.sched_setaffinity(0, cpu_ids)
+        torch.set_num_threads(len(cpu_ids))
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
     _exit_with_parent(os.path.dirname(input_address.removeprefix("ipc://")))
     context = zmq.Context()

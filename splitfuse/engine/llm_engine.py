@@ -56,7 +56,11 @@ class LLMEngine:
             self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             max_num_tokens_in_cache=resolved.num_blocks * config.cache.block_size, clock=clock)
         self.output_processor = OutputProcessor(self.tokenizer)
-        if client is None and config.model.core_process:
+        if client is None and config.parallel.replicas > 1:
+            from splitfuse.engine.replica_client import ReplicatedClient
+
+            client = ReplicatedClient(config)
+        elif client is None and config.parallel.core_process:
             client = MPClient(config)  # the child resolves the config again: the same files give the same numbers
         self.client = client or InProcClient(EngineCore.from_config(config, resolved))
 

@@ -72,6 +72,7 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     generation_tokens_total: int
     computed_tokens_total: int  # tokens that went through the model (prefix-cache hits excluded)
     num_steps: int = 0
+    num_waiting_tokens: int = 0  # prompt tokens the waiting requests still have to compute (a router's load signal)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

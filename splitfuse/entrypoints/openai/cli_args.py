@@ -16,15 +16,16 @@ import sys
 import typing
 from typing import Any, Callable, Optional
 
-from splitfuse.config import (ATTENTION_BACKENDS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, config_fields,
-                              parse_memory_size)
+from splitfuse.config import (ATTENTION_BACKENDS, ROUTING_POLICIES, CacheConfig, EngineConfig, ModelConfig,
+                              ParallelConfig, SchedulerConfig, config_fields, parse_memory_size)
 from splitfuse.entrypoints.openai.server_config import API_KEY_ENV, LOG_LEVELS, ServerConfig
 
-ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 
 # Fields whose flag parses differently from their annotation.
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"kv_cache_memory": parse_memory_size}
-_FLAG_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "attention_backend": ATTENTION_BACKENDS}
+_FLAG_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "attention_backend": ATTENTION_BACKENDS,
+                                              "routing": ROUTING_POLICIES}
 
 
 def _flag_kind(hint: Any) -> Any:
