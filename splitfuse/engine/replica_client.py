@@ -5,22 +5,36 @@ unchanged (``--replicas N``): each request's sequences go to the replica the rou
 (``router/policies.py``) picks from the replicas' live numbers — their latest ``SchedulerStats``,
 the requests in flight there, and (cache-aware) the prefix blocks their KV events say they hold.
 Outputs of all replicas are merged, step by step, as they arrive.
+
+Failover: when a replica's process dies, each sequence it ran is sent to another replica as its
+prompt plus the tokens generated so far (``max_tokens`` and ``min_tokens`` reduced by those), so
+its caller's stream goes on; a greedy sequence continues with the same tokens wherever the
+numerics are batch invariant (bf16 on the CPU kernels), a sampled one from a fresh draw. A
+sequence that no replica takes ends with ``finish_reason="abort"``. The dead replica is started
+again in the background and rejoins when it is ready.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Optional
 
 import zmq
 
 from splitfuse.config import EngineConfig
-from splitfuse.engine.core_client import MPClient
-from splitfuse.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from splitfuse.engine.core_client import EngineCoreDeadError, MPClient
+from splitfuse.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from splitfuse.router.policies import make_policy
 from splitfuse.router.types import ReplicaLoad, RouteRequest, RoutingPolicy
+
+
+logger = logging.getLogger(__name__)
+
+# While a dead replica restarts, waits for outputs wake this often to see whether it is back.
+_RESTART_POLL_MS = 200
 
 
 def replica_cpu_sets(num_replicas: int, threads_per_replica: Optional[int],
@@ -38,9 +52,10 @@ def replica_cpu_sets(num_replicas: int, threads_per_replica: Optional[int],
 class ReplicatedClient:
     def __init__(self, config: EngineConfig, policy: Optional[RoutingPolicy] = None) -> None:
         parallel = config.parallel
+        self.config = config
         self.replica_ids = [f"replica-{i}" for i in range(parallel.replicas)]
         self.policy = policy or make_policy(parallel.routing, block_size=config.cache.block_size)
-        cpu_sets = replica_cpu_sets(parallel.replicas, parallel.threads_per_replica)
+        self._cpu_sets = cpu_sets = replica_cpu_sets(parallel.replicas, parallel.threads_per_replica)
         # The children load their models at the same time; each constructor waits for its child.
         with ThreadPoolExecutor(max_workers=parallel.replicas) as pool:
             futures = [pool.submit(MPClient, config, cpu_ids=cpu_ids) for cpu_ids in cpu_sets]
@@ -55,13 +70,21 @@ class ReplicatedClient:
                 client.shutdown()
             raise errors[0]
         self.replicas: list[MPClient] = clients
+        self.healthy = [True] * len(clients)
         self._owner: dict[str, int] = {}  # sequence id -> the replica that runs it
         self._in_flight = [0] * len(clients)
+        # What a sequence would need to resume elsewhere: its request and the tokens it has so far.
+        self._requests: dict[str, EngineCoreRequest] = {}
+        self._generated: dict[str, list[int]] = {}
+        self._orphans: list[EngineCoreOutput] = []  # sequences no replica took after a failure
+        self._restarts: dict[int, Future] = {}
+        self._restarter = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="splitfuse-replica")
         self._poller = zmq.Poller()
         for client in clients:
             for handle in client.wait_handles():
                 self._poller.register(handle, zmq.POLLIN)
         self.decisions: collections.Counter[str] = collections.Counter()  # routing reason -> requests
+        self.num_failovers = 0  # sequences resumed on another replica
 
     # -- requests -------------------------------------------------------------------------
 
@@ -71,30 +94,44 @@ class ReplicatedClient:
             raise error
 
     def add_request_groups(self, groups: list[list[EngineCoreRequest]]) -> list[Optional[Exception]]:
-        loads = self._loads()
-        chosen: list[int] = []
-        for group in groups:
-            decision = self.policy.choose(RouteRequest(token_ids=group[0].prompt_token_ids,
-                                                       session_key=group[0].tenant), loads)
-            index = self.replica_ids.index(decision.replica_id)
-            loads[index].in_flight += 1  # the next group of this batch sees it
-            loads[index].waiting_tokens += len(group[0].prompt_token_ids)
-            self.decisions[decision.reason] += 1
-            chosen.append(index)
+        """Routes each group to a replica; a replica found dead on the way fails over and its groups go again."""
+        self._swap_in_restarted()
         results: list[Optional[Exception]] = [None] * len(groups)
-        for index, client in enumerate(self.replicas):
-            mine = [g for g, replica in enumerate(chosen) if replica == index]
-            if not mine:
-                continue
-            for g, error in zip(mine, client.add_request_groups([groups[g] for g in mine])):
-                results[g] = error
-                if error is None:
-                    self._admit(index, groups[g])
+        pending = list(range(len(groups)))
+        while pending:
+            if not any(self.healthy):
+                for g in pending:
+                    results[g] = EngineCoreDeadError("no engine replica is running")
+                return results
+            loads = self._loads()
+            chosen: dict[int, list[int]] = collections.defaultdict(list)
+            for g in pending:
+                decision = self.policy.choose(RouteRequest(token_ids=groups[g][0].prompt_token_ids,
+                                                           session_key=groups[g][0].tenant), loads)
+                index = self.replica_ids.index(decision.replica_id)
+                loads[index].in_flight += 1  # the next group of this batch sees it
+                loads[index].waiting_tokens += len(groups[g][0].prompt_token_ids)
+                self.decisions[decision.reason] += 1
+                chosen[index].append(g)
+            pending = []
+            for index, mine in chosen.items():
+                try:
+                    errors = self.replicas[index].add_request_groups([groups[g] for g in mine])
+                except EngineCoreDeadError:
+                    self._fail_replica(index)
+                    pending.extend(mine)  # not started anywhere: route them again
+                    continue
+                for g, error in zip(mine, errors):
+                    results[g] = error
+                    if error is None:
+                        self._admit(index, groups[g])
         return results
 
     def _admit(self, index: int, group: list[EngineCoreRequest]) -> None:
         for request in group:
             self._owner[request.request_id] = index
+            self._requests.setdefault(request.request_id, request)
+            self._generated.setdefault(request.request_id, [])
         self._in_flight[index] += len(group)
         self.policy.on_routed(RouteRequest(token_ids=group[0].prompt_token_ids, session_key=group[0].tenant),
                               self.replica_ids[index])
@@ -110,6 +147,8 @@ class ReplicatedClient:
 
     def _release(self, request_id: str) -> Optional[int]:
         index = self._owner.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        self._generated.pop(request_id, None)
         if index is not None:
             self._in_flight[index] -= 1
         return index
@@ -119,36 +158,109 @@ class ReplicatedClient:
     def get_output(self) -> EngineCoreOutputs:
         """The outputs of every replica that has stepped since the last call (waits for at least one)."""
         while True:
+            self._swap_in_restarted()
             merged = self._take_ready()
             if merged is not None:
                 return merged
-            self._poller.poll()
+            if not any(self.healthy) and not self._restarts:
+                raise EngineCoreDeadError("every engine replica has exited")
+            self._poller.poll(_RESTART_POLL_MS if self._restarts else None)
 
     def _take_ready(self) -> Optional[EngineCoreOutputs]:
         pieces = []
         for index, client in enumerate(self.replicas):
-            while (outputs := client.take_output()) is not None:
-                self.policy.on_kv_events(self.replica_ids[index], outputs.kv_events)
-                for output in outputs.outputs:
-                    if output.finish_reason is not None:
-                        self._release(output.request_id)
-                pieces.append(outputs)
-        if not pieces:
+            if not self.healthy[index]:
+                continue
+            try:
+                while (outputs := client.take_output()) is not None:
+                    self._note_outputs(index, outputs)
+                    pieces.append(outputs)
+            except EngineCoreDeadError:
+                self._fail_replica(index)
+        outputs = [o for piece in pieces for o in piece.outputs] + self._orphans
+        self._orphans = []
+        if not pieces and not outputs:
             return None
-        return EngineCoreOutputs([o for piece in pieces for o in piece.outputs], max(p.timestamp for p in pieces),
-                                 scheduler_stats=self.stats())
+        timestamp = max((p.timestamp for p in pieces), default=0.0)
+        return EngineCoreOutputs(outputs, timestamp, scheduler_stats=self.stats())
+
+    def _note_outputs(self, index: int, outputs: EngineCoreOutputs) -> None:
+        self.policy.on_kv_events(self.replica_ids[index], outputs.kv_events)
+        for output in outputs.outputs:
+            generated = self._generated.get(output.request_id)
+            if generated is not None:
+                generated.extend(output.new_token_ids)
+            if output.finish_reason is not None:
+                self._release(output.request_id)
+
+    # -- failover -----------------------------------------------------------------------------
+
+    def _fail_replica(self, index: int) -> None:
+        """Takes a dead replica out, resumes its sequences elsewhere, and starts it again in the background."""
+        if not self.healthy[index]:
+            return
+        logger.error("engine replica %s exited; resuming its requests on the others", self.replica_ids[index])
+        self.healthy[index] = False
+        for handle in self.replicas[index].wait_handles():
+            self._poller.unregister(handle)
+        self.replicas[index].shutdown()
+        self.policy.forget_replica(self.replica_ids[index])
+        orphaned = [request_id for request_id, owner in self._owner.items() if owner == index]
+        resumed = [self._resumed_request(request_id) for request_id in orphaned]
+        for request_id in orphaned:
+            self._owner.pop(request_id)
+        self._in_flight[index] = 0
+        groups = [[request] for request in resumed if request is not None]
+        for group, error in zip(groups, self.add_request_groups(groups)):
+            if error is not None:
+                logger.error("request %s could not be resumed: %s", group[0].request_id, error)
+                self._release(group[0].request_id)
+                self._orphans.append(EngineCoreOutput(group[0].request_id, [], finish_reason="abort"))
+        self.num_failovers += len(groups)
+        self._restarts[index] = self._restarter.submit(MPClient, self.config, cpu_ids=self._cpu_sets[index])
+
+    def _resumed_request(self, request_id: str) -> Optional[EngineCoreRequest]:
+        """The request as it stands: prompt + tokens so far, the rest of its budgets (None: it is done)."""
+        original, generated = self._requests.get(request_id), self._generated.get(request_id, [])
+        if original is None or len(generated) >= original.max_tokens:
+            return None
+        params = original.sampling_params
+        if params.min_tokens:
+            params = params.clone(min_tokens=max(0, params.min_tokens - len(generated)),
+                                  max_tokens=original.max_tokens - len(generated))
+        resumed = EngineCoreRequest(request_id, original.prompt_token_ids + generated, params, original.arrival_time,
+                                    original.max_tokens - len(generated), original.priority, original.tenant,
+                                    original.seed)
+        return resumed  # _admit keeps the original and the token list: a second failover counts from them
+
+    def _swap_in_restarted(self) -> None:
+        for index, future in list(self._restarts.items()):
+            if not future.done():
+                continue
+            del self._restarts[index]
+            try:
+                client = future.result()
+            except Exception as error:  # it stays out; the others serve
+                logger.error("engine replica %s did not restart: %s", self.replica_ids[index], error)
+                continue
+            self.replicas[index] = client
+            self.healthy[index] = True
+            for handle in client.wait_handles():
+                self._poller.register(handle, zmq.POLLIN)
+            logger.info("engine replica %s is back", self.replica_ids[index])
 
     def _loads(self) -> list[ReplicaLoad]:
         loads = []
         for index, client in enumerate(self.replicas):
             stats = client.stats()
-            loads.append(ReplicaLoad(self.replica_ids[index], True, stats.num_waiting, stats.num_running,
-                                     stats.num_waiting_tokens, stats.kv_cache_usage, self._in_flight[index]))
+            loads.append(ReplicaLoad(self.replica_ids[index], self.healthy[index], stats.num_waiting,
+                                     stats.num_running, stats.num_waiting_tokens, stats.kv_cache_usage,
+                                     self._in_flight[index]))
         return loads
 
     def stats(self) -> SchedulerStats:
-        """The replicas' numbers added up (KV usage: of all their blocks together)."""
-        each = [client.stats() for client in self.replicas]
+        """The running replicas' numbers added up (KV usage: of all their blocks together)."""
+        each = [client.stats() for client, up in zip(self.replicas, self.healthy) if up] or [self.replicas[0].stats()]
         total_blocks = sum(s.num_total_blocks for s in each)
         summed = {name: sum(getattr(s, name) for s in each) for name in SchedulerStats.__struct_fields__
                   if name != "kv_cache_usage"}
@@ -156,5 +268,8 @@ class ReplicatedClient:
         return SchedulerStats(kv_cache_usage=usage, **summed)
 
     def shutdown(self) -> None:
+        for future in self._restarts.values():
+            future.add_done_callback(lambda done: done.exception() is None and done.result().shutdown())
+        self._restarter.shutdown(wait=False)
         for client in self.replicas:
             client.shutdown()

@@ -7,6 +7,8 @@ replica that holds them.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -91,5 +93,41 @@ def test_cache_aware_sends_a_shared_prefix_where_its_blocks_are(llama_ckpt, in_t
         assert client.decisions["cache_hit"] >= 1
         expected = in_thread.generate(questions, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_killed_replica_fails_over_mid_stream_with_the_same_greedy_tokens_and_comes_back(llama_ckpt):
+    # bf16 on the CPU kernels is batch invariant: recomputing prompt + tokens so far elsewhere gives the
+    # tokens the dead replica would have given.
+    prompts = random_prompts([12, 7, 19, 9], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(model=llama_ckpt, dtype="bfloat16").generate(
+        prompts, params, use_tqdm=False)]
+    llm = LLM(model=llama_ckpt, dtype="bfloat16", replicas=2, routing="round-robin")
+    try:
+        engine, client = llm.engine, llm.engine.client
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        finished, steps = {}, 0
+        victim = client.replicas[1]
+        while len(finished) < len(prompts):
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output.outputs[0]
+            steps += 1
+            if steps == 3:  # its requests have streamed a few tokens by now
+                os.kill(victim.pid, signal.SIGKILL)
+        assert [finished[f"r{i}"].token_ids for i in range(len(prompts))] == expected
+        assert all(c.finish_reason == "length" for c in finished.values())
+        assert client.num_failovers == 2 and client._owner == {}
+        for _ in range(300):  # the replica starts again by itself
+            if all(client.healthy):
+                break
+            engine.add_request("probe", prompts[0], SamplingParams(temperature=0, max_tokens=1))
+            while engine.has_unfinished_requests():
+                engine.step()
+            time.sleep(0.1)
+        assert client.healthy == [True, True] and client.replicas[1].pid != victim.pid
     finally:
         llm.engine.shutdown()
