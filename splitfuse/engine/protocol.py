@@ -73,6 +73,9 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     computed_tokens_total: int  # tokens that went through the model (prefix-cache hits excluded)
     num_steps: int = 0
     num_waiting_tokens: int = 0  # prompt tokens the waiting requests still have to compute (a router's load signal)
+    # With replicas (engine/replica_client.py): which are up, and the router's decisions by reason so far.
+    replicas_up: Optional[dict[str, bool]] = None
+    routing_decisions: Optional[dict[str, int]] = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

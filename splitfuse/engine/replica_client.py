@@ -263,9 +263,10 @@ class ReplicatedClient:
         each = [client.stats() for client, up in zip(self.replicas, self.healthy) if up] or [self.replicas[0].stats()]
         total_blocks = sum(s.num_total_blocks for s in each)
         summed = {name: sum(getattr(s, name) for s in each) for name in SchedulerStats.__struct_fields__
-                  if name != "kv_cache_usage"}
+                  if name not in ("kv_cache_usage", "replicas_up", "routing_decisions")}
         usage = sum(s.kv_cache_usage * s.num_total_blocks for s in each) / max(total_blocks, 1)
-        return SchedulerStats(kv_cache_usage=usage, **summed)
+        return SchedulerStats(kv_cache_usage=usage, **summed, replicas_up=dict(zip(self.replica_ids, self.healthy)),
+                              routing_decisions=dict(self.decisions))
 
     def shutdown(self) -> None:
         for future in self._restarts.values():

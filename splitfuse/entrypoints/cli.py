@@ -1,4 +1,4 @@
-"""The `splitfuse` command: serve, generate, chat, convert, bench."""
+"""The `splitfuse` command: serve, generate, chat, convert, bench, router."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitfuse.entrypoints.chat import add_chat_parser
     from splitfuse.entrypoints.convert import add_convert_parser
     from splitfuse.entrypoints.openai.cli_args import add_generate_parser, add_serve_parser
+    from splitfuse.entrypoints.router_cli import add_router_parser
 
     parser = argparse.ArgumentParser(prog="splitfuse", description="LLM serving engine.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(subparsers)
     add_convert_parser(subparsers)
     add_bench_parser(subparsers)
+    add_router_parser(subparsers)
     return parser
 
 

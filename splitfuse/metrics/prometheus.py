@@ -75,6 +75,23 @@ class _EngineStatsCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "prefix_cache_hit_rate",
                                 "Prefix-cache hits / queries (prompt tokens) since start; 0 before any query.",
                                 value=hits / queries if queries else 0.0)
+        yield from _replica_metrics(stats)
+
+
+def _replica_metrics(stats: Any) -> Iterator[Metric]:
+    """With --replicas: each replica up or down, and the router's decisions by reason."""
+    replicas_up = getattr(stats, "replicas_up", None)
+    if replicas_up is None:
+        return
+    up = GaugeMetricFamily(PREFIX + "replica_up", "1 while the engine replica is running.", labels=["replica"])
+    for replica, is_up in replicas_up.items():
+        up.add_metric([replica], 1.0 if is_up else 0.0)
+    yield up
+    decisions = CounterMetricFamily(PREFIX + "routing_decisions", "Requests routed to a replica, by the reason.",
+                                    labels=["reason"])
+    for reason, count in sorted((getattr(stats, "routing_decisions", None) or {}).items()):
+        decisions.add_metric([reason], float(count))
+    yield decisions
 
 
 class ServerMetrics:

@@ -23,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from splitfuse.config import ROUTING_POLICIES
 from splitfuse.router.prefix_index import ApproximateTree, PreciseBlockIndex
 from splitfuse.router.types import ReplicaLoad, RouteDecision, RouteRequest, RoutingPolicy
 
@@ -240,6 +241,8 @@ def rendezvous_weight(session_key: str, replica_id: str) -> int:
 
 
 _POLICIES = {policy.name: policy for policy in (RoundRobinPolicy, LeastLoadPolicy, CacheAwarePolicy, SessionPolicy)}
+# config.ROUTING_POLICIES is what the flags offer (config.py stays free of router imports); they must agree.
+assert tuple(_POLICIES) == ROUTING_POLICIES, (tuple(_POLICIES), ROUTING_POLICIES)
 
 
 def make_policy(name: str, block_size: Optional[int] = None, **options) -> RoutingPolicy:

@@ -7,6 +7,7 @@ replica that holds them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -131,3 +132,25 @@ def test_a_killed_replica_fails_over_mid_stream_with_the_same_greedy_tokens_and_
         assert client.healthy == [True, True] and client.replicas[1].pid != victim.pid
     finally:
         llm.engine.shutdown()
+
+
+def test_splitfuse_serve_with_two_replicas_streams_and_reports_them(llama_ckpt):
+    import httpx
+    from server_process import serve_process
+
+    with serve_process(llama_ckpt, "--dtype", "float32", "--replicas", "2", "--routing", "round-robin",
+                       "--served-model-name", "tiny") as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok", "replicas": {"replica-0": "up",
+                                                                                 "replica-1": "up"}}
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        texts = [httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+                 for _ in range(2)]  # one on each replica: the same greedy text
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+            chunks = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        assert chunks[-1] == "[DONE]"
+        streamed = "".join(json.loads(chunk)["choices"][0]["text"] for chunk in chunks[:-1])
+        assert texts[0] == texts[1] == streamed and len(texts[0]) > 0
+        metrics = httpx.get(url + "/metrics").text
+        assert 'splitfuse:replica_up{replica="replica-0"} 1.0' in metrics
+        assert 'splitfuse:replica_up{replica="replica-1"} 1.0' in metrics
+        assert 'splitfuse:routing_decisions_total{reason="round_robin"} 3.0' in metrics

@@ -31,7 +31,9 @@ _TYPE_BY_STATUS = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "service_unavailable_error",
+    504: "server_error",
 }
 # Seconds a client should wait after a 429: the queue drains at the engine's pace, a step or a few.
 RETRY_AFTER_S = 1

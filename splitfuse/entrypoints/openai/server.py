@@ -100,7 +100,13 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], config: Opt
     async def health() -> Response:
         if not engine.is_alive:
             return json_error(OpenAIError("the engine is not running", 503, code="engine_unavailable"))
-        return JSONResponse({"status": "ok"})
+        replicas_up = getattr(engine.stats, "replicas_up", None)
+        if replicas_up is None:
+            return JSONResponse({"status": "ok"})
+        replicas = {replica: "up" if up else "down" for replica, up in replicas_up.items()}
+        if not any(replicas_up.values()):
+            return json_error(OpenAIError(f"no engine replica is running: {replicas}", 503, code="engine_unavailable"))
+        return JSONResponse({"status": "ok" if all(replicas_up.values()) else "degraded", "replicas": replicas})
 
     @app.get("/version")
     async def version() -> dict[str, str]:

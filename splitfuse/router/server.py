@@ -1,0 +1,336 @@
+"""The `splitfuse router` HTTP app: each OpenAI request routed by a policy to one backend and relayed as it comes.
+
+Per request: the body is read once for its routing keys (a 400 if it is not JSON), the policy
+picks a routable backend, and the request goes there with its body bytes untouched. What comes
+back is passed through: status, headers and body as they are, an SSE stream chunk by chunk as
+the chunks arrive. A request that got no byte back (refused, reset, dropped) was not started,
+so it is sent to another routable backend, each backend tried at most once; once a byte came
+back it stays where it is. A stream that breaks midway ends with one OpenAI error event: going
+on from the tokens already streamed on another backend is not done here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, install_error_handlers
+from splitfuse.entrypoints.openai.json_body import parse_json_body
+from splitfuse.metrics.prometheus import CONTENT_TYPE
+from splitfuse.router.backends import Backend, BackendPool
+from splitfuse.router.types import RouteRequest, RoutingPolicy
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "splitfuse_router:"
+SESSION_HEADER = "x-session-id"
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those each side's HTTP layer writes itself.
+_DROP_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                                   "upgrade", "proxy-connection", "proxy-authorization", "accept-encoding"})
+_DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "date",
+                                    "server"})
+# Asking backends for uncompressed bodies lets the router relay bytes without decoding or re-negotiating them.
+_UPSTREAM_ENCODING = {"accept-encoding": "identity"}
+# The failures that mean no byte of a response came back: the backend never started the request.
+_NOT_STARTED_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+
+
+# ----- routing keys ------------------------------------------------------------------------------
+
+
+def render_history(messages: Any) -> str:
+    """A chat's whole history as text, so a follow-up turn extends the text of the turn before it.
+
+    ``[{"role": "system", "content": "Be terse."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]``
+    -> ``"system: Be terse.\\nuser: Hi\\n"``. Parts that are not text (images) add nothing.
+    """
+    if not isinstance(messages, list):
+        return ""
+    lines = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content
+                              if isinstance(part, dict) and isinstance(part.get("text"), str))
+        lines.append(f"{message.get('role', '')}: {content if isinstance(content, str) else ''}\n")
+    return "".join(lines)
+
+
+def route_request_of(kind: str, body: Any, headers: Mapping[str, str]) -> RouteRequest:
+    """The routing keys of a ``completions`` or ``chat`` body (anything else routes on no key).
+
+    A completion routes on its prompt: the text, or the token ids when it is a list of ints; a
+    batch of prompts routes on its first. A session is the ``X-Session-ID`` header, else ``user``.
+    """
+    session_key = headers.get(SESSION_HEADER) or None
+    if not isinstance(body, dict):
+        return RouteRequest(session_key=session_key)
+    if session_key is None and isinstance(body.get("user"), str) and body["user"]:
+        session_key = body["user"]
+    if kind == "chat":
+        return RouteRequest(text=render_history(body.get("messages")), session_key=session_key)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return RouteRequest(text=prompt, session_key=session_key)
+    if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
+        return RouteRequest(token_ids=prompt, session_key=session_key)
+    return RouteRequest(session_key=session_key)
+
+
+# ----- metrics -------------------------------------------------------------------------------------
+
+
+class _PoolCollector(Collector):
+    """Each backend's state, read from the pool when /metrics is scraped (so it is never stale or counted twice)."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        now_s = self._pool.now_s()
+        up = GaugeMetricFamily(PREFIX + "backend_up", "1 if the backend passes its health checks.", labels=["backend"])
+        routable = GaugeMetricFamily(PREFIX + "backend_routable",
+                                     "1 if requests may go to the backend now (up, circuit breaker not open).",
+                                     labels=["backend"])
+        in_flight = GaugeMetricFamily(PREFIX + "backend_in_flight",
+                                      "Requests the router sent to the backend that have not finished.",
+                                      labels=["backend"])
+        for backend in self._pool.backends:
+            up.add_metric([backend.url], float(backend.up))
+            routable.add_metric([backend.url], float(backend.routable(now_s)))
+            in_flight.add_metric([backend.url], float(backend.in_flight))
+        yield from (up, routable, in_flight)
+
+
+class RouterMetrics:
+    """The router's /metrics, in a registry of its own (several routers and servers can share a process)."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(PREFIX + "decisions", "Routing decisions, by policy and reason.",
+                                 ["policy", "reason"], registry=self.registry)
+        self.requests = Counter(PREFIX + "requests",
+                                "Requests sent to a backend, by the HTTP status it answered; connect_error: no "
+                                "answer (retried elsewhere), timeout: none in time.",
+                                ["backend", "status"], registry=self.registry)
+        self.retries = Counter(PREFIX + "retries", "Requests sent again to another backend because one could not "
+                                                   "be reached.", registry=self.registry)
+        self.registry.register(_PoolCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ----- forwarding ------------------------------------------------------------------------------------
+
+
+class _NotStarted(Exception):
+    """The backend sent nothing back: the request can go elsewhere."""
+
+
+class _RelayedStream(StreamingResponse):
+    """An upstream SSE stream relayed chunk by chunk; whatever ends it (its end, the client gone) closes the upstream.
+
+    Closing the upstream mid-stream drops that connection, which the backend takes as the client gone (it aborts).
+    """
+
+    def __init__(self, upstream: httpx.Response, backend: Backend, headers: dict[str, str]) -> None:
+        super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
+        self._upstream = upstream
+        self._backend = backend
+        self._closed = False
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                yield chunk
+        except httpx.TransportError as error:  # the status line went out long ago: say it in the stream
+            logger.warning("backend %s broke off a stream: %r", self._backend.url, error)
+            message = f"the backend {self._backend.url} broke off the stream: {error!r}"
+            yield f"data: {json.dumps(error_body(message, 502, type='server_error', code='backend_error'))}\n\n"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend.release()  # first: a cancelled aclose() must not leak the count
+            await self._upstream.aclose()
+
+
+class _Forwarder:
+    """Sends a request to a backend the policy picks, retries it while it is unstarted, relays the answer."""
+
+    def __init__(self, pool: BackendPool, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.metrics = metrics
+
+    async def route(self, raw: Request, path: str, route: RouteRequest, body: bytes) -> Response:
+        failures: dict[str, str] = {}  # backend url -> why it could not be reached
+        for attempt in range(len(self.pool.backends)):
+            loads = self.pool.loads(exclude=failures)
+            if not any(load.healthy for load in loads):
+                break
+            decision = self.policy.choose(route, loads)
+            self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
+            if attempt:
+                self.metrics.retries.inc()
+            backend = self.pool.get(decision.replica_id)
+            try:
+                upstream = await self._open(backend, raw, path, body)
+            except _NotStarted as failure:
+                failures[backend.url] = str(failure)
+                continue
+            if upstream.status_code < 400:
+                self.policy.on_routed(route, backend.url)
+            return await self._relay(backend, upstream)
+        raise self._no_backend(failures)
+
+    async def first_routable(self, raw: Request, path: str) -> Response:
+        """A GET answered by the first routable backend (in ``--backend`` order) that can be reached."""
+        failures: dict[str, str] = {}
+        for backend in self.pool.backends:
+            if not backend.routable(self.pool.now_s()):
+                continue
+            try:
+                return await self._relay(backend, await self._open(backend, raw, path, b""))
+            except _NotStarted as failure:
+                failures[backend.url] = str(failure)
+        raise self._no_backend(failures)
+
+    async def _open(self, backend: Backend, raw: Request, path: str, body: bytes) -> httpx.Response:
+        """The backend's response with its headers read and its body not yet; _NotStarted if none came."""
+        headers = {k: v for k, v in raw.headers.items() if k not in _DROP_REQUEST_HEADERS} | _UPSTREAM_ENCODING
+        url = backend.url + path + (f"?{raw.url.query}" if raw.url.query else "")
+        request = self.pool.client.build_request(raw.method, url, headers=headers, content=body)
+        backend.acquire(self.pool.now_s())
+        try:
+            upstream = await self.pool.client.send(request, stream=True)
+        except _NOT_STARTED_ERRORS as error:
+            backend.release()
+            backend.on_connect_failure(self.pool.now_s())
+            self.metrics.requests.labels(backend.url, "connect_error").inc()
+            logger.warning("backend %s could not be reached (%r); the request goes elsewhere", backend.url, error)
+            raise _NotStarted(f"could not be reached ({type(error).__name__}: {error})") from error
+        except httpx.TimeoutException as error:
+            backend.release()
+            backend.abandon_trial()
+            self.metrics.requests.labels(backend.url, "timeout").inc()
+            raise OpenAIError(f"the backend {backend.url} did not answer in time ({error!r})", 504,
+                              type="server_error", code="backend_timeout") from error
+        except BaseException:  # the client left, or a bug: the count must not leak either way
+            backend.release()
+            backend.abandon_trial()
+            raise
+        backend.on_answered()
+        self.metrics.requests.labels(backend.url, str(upstream.status_code)).inc()
+        return upstream
+
+    async def _relay(self, backend: Backend, upstream: httpx.Response) -> Response:
+        headers = {k: v for k, v in upstream.headers.items() if k not in _DROP_RESPONSE_HEADERS}
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            return _RelayedStream(upstream, backend, headers)
+        try:
+            content = await upstream.aread()
+        except httpx.TransportError as error:
+            raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
+                              type="server_error", code="backend_error") from error
+        finally:
+            backend.release()
+            await upstream.aclose()
+        return Response(content, status_code=upstream.status_code, headers=headers)
+
+    def _no_backend(self, failures: Mapping[str, str]) -> OpenAIError:
+        now_s = self.pool.now_s()
+        reasons = []
+        for backend in self.pool.backends:
+            if backend.url in failures:
+                reasons.append(f"{backend.url} {failures[backend.url]}")
+            elif not backend.up:
+                reasons.append(f"{backend.url} is down (fails its health checks)")
+            elif not backend.routable(now_s):
+                reasons.append(f"{backend.url} has its circuit breaker {backend.breaker_state(now_s)} "
+                               "after failed connections")
+        return OpenAIError("no healthy backend to route to: " + "; ".join(reasons), 503,
+                           code="no_healthy_backend")
+
+
+# ----- the app ---------------------------------------------------------------------------------------
+
+
+def health_report(pool: BackendPool) -> tuple[dict[str, Any], int]:
+    """``/health``'s body and status: 200 while any backend is up, else 503."""
+    now_s = pool.now_s()
+    backends = [backend.status(now_s) for backend in pool.backends]
+    any_up = any(backend.up for backend in pool.backends)
+    return {"status": "ok" if any_up else "unavailable", "backends": backends}, 200 if any_up else 503
+
+
+async def _json_body(raw: Request) -> tuple[bytes, Any]:
+    body = await raw.body()
+    return body, parse_json_body(body)  # OpenAIError (400) if it is not JSON
+
+
+def build_router_app(pool: BackendPool, policy: RoutingPolicy) -> FastAPI:
+    """The router app; its lifespan starts the pool (first health round, then the loop) and closes it."""
+    metrics = RouterMetrics(pool)
+    forwarder = _Forwarder(pool, policy, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start(on_down=policy.forget_replica)
+        try:
+            yield
+        finally:
+            await pool.aclose()
+
+    app = FastAPI(title="splitfuse router", lifespan=lifespan)
+    app.state.pool = pool
+    app.state.policy = policy
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        body, parsed = await _json_body(raw)
+        return await forwarder.route(raw, "/v1/completions", route_request_of("completions", parsed, raw.headers), body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        body, parsed = await _json_body(raw)
+        return await forwarder.route(raw, "/v1/chat/completions", route_request_of("chat", parsed, raw.headers), body)
+
+    @app.get("/v1/models")
+    async def models(raw: Request) -> Response:
+        return await forwarder.first_routable(raw, "/v1/models")
+
+    @app.get("/health")
+    async def health() -> Response:
+        body, status = health_report(pool)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
