@@ -3,6 +3,8 @@
 # routing policy, each driven by the same shared-prefix workload (NUM_PREFIXES documents of PREFIX_LEN
 # tokens, QUESTIONS questions each, CONCURRENCY closed-loop clients). Prints one line per run: throughput,
 # TTFT and TBT p50/p99, and the prefix-cache hit rate the server's /metrics reports over the run.
+# Each replica has KV_MIB of KV cache, the single engine twice that (the same memory in all), small
+# enough that not every document fits: where a document's blocks live then matters.
 #
 #   bash benchmarks/replicas_serve.sh               # results in benchmarks/results/replicas-<time>/
 #   CONFIGS="one cache-aware" bash benchmarks/replicas_serve.sh
@@ -17,6 +19,7 @@ PREFIX_LEN=${PREFIX_LEN:-512}
 PROMPT_LEN=${PROMPT_LEN:-32}
 OUTPUT_LEN=${OUTPUT_LEN:-32}
 CONCURRENCY=${CONCURRENCY:-8}
+KV_MIB=${KV_MIB:-64}
 CONFIGS=${CONFIGS:-one round-robin least-load cache-aware}
 MODEL=${MODEL:-$($PYTHON -c "from splitfuse.models.sources import resolve_model; print(resolve_model('').path)")}
 OUT_DIR=${OUT_DIR:-benchmarks/results/replicas-$(date +%Y%m%d-%H%M%S)}
@@ -46,8 +49,8 @@ run() {  # run LABEL [serve flags...]
 
 for config in $CONFIGS; do
   case $config in
-    one) run one ;;
-    *) run "$config" --replicas 2 --threads-per-replica 1 --routing "$config" ;;
+    one) run one --kv-cache-memory "$((2 * KV_MIB))MiB" ;;
+    *) run "$config" --replicas 2 --threads-per-replica 1 --routing "$config" --kv-cache-memory "${KV_MIB}MiB" ;;
   esac
 done
 $PYTHON - "$OUT_DIR" <<'PY'
