@@ -137,12 +137,19 @@ class ParallelConfig:
     routing: str = _help(
         "How the router picks a replica: round-robin, least-load, cache-aware (the longest cached prefix "
         "from the replicas' KV events, unless the load is imbalanced) or session.", default="cache-aware")
+    distributed_backend: str = _help(
+        "Where engine cores run when they run apart (--core-process, --replicas): mp (processes on this "
+        "machine, over ZeroMQ) or ray (Ray actors, on --ray-address or a local Ray).", default="mp")
+    ray_address: Optional[str] = _help("The Ray cluster to place engine cores on (default: start a local one).",
+                                       default=None)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.threads_per_replica is not None and self.threads_per_replica < 1:
             raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+        if self.distributed_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_backend must be mp or ray, got {self.distributed_backend!r}")
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
 

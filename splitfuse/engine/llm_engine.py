@@ -60,6 +60,10 @@ class LLMEngine:
             from splitfuse.engine.replica_client import ReplicatedClient
 
             client = ReplicatedClient(config)
+        elif client is None and config.parallel.distributed_backend == "ray":
+            from splitfuse.engine.ray_client import RayClient
+
+            client = RayClient(config)
         elif client is None and config.parallel.core_process:
             client = MPClient(config)  # the child resolves the config again: the same files give the same numbers
         self.client = client or InProcClient(EngineCore.from_config(config, resolved))

@@ -1,10 +1,12 @@
-"""ReplicatedClient: several engine cores, each in its own pinned process, behind one frontend; a policy routes each request.
+"""ReplicatedClient: several engine cores, each in its own pinned process or Ray actor, behind one frontend; a policy routes each request.
 
 It is an ``EngineCoreClient`` like the others, so ``LLMEngine`` and the server above it are
 unchanged (``--replicas N``): each request's sequences go to the replica the routing policy
 (``router/policies.py``) picks from the replicas' live numbers — their latest ``SchedulerStats``,
 the requests in flight there, and (cache-aware) the prefix blocks their KV events say they hold.
-Outputs of all replicas are merged, step by step, as they arrive.
+Outputs of all replicas are merged, step by step, as they arrive. The replicas are ``MPClient``s
+(processes on this machine) or, with ``--distributed-backend ray``, ``RayClient``s (actors anywhere
+on a Ray cluster); only how the client waits for them differs.
 
 Failover: when a replica's process dies, each sequence it ran is sent to another replica as its
 prompt plus the tokens generated so far (``max_tokens`` and ``min_tokens`` reduced by those), so
@@ -56,9 +58,16 @@ class ReplicatedClient:
         self.replica_ids = [f"replica-{i}" for i in range(parallel.replicas)]
         self.policy = policy or make_policy(parallel.routing, block_size=config.cache.block_size)
         self._cpu_sets = cpu_sets = replica_cpu_sets(parallel.replicas, parallel.threads_per_replica)
-        # The children load their models at the same time; each constructor waits for its child.
+        self._on_ray = parallel.distributed_backend == "ray"
+        if self._on_ray:
+            from splitfuse.engine.ray_client import RayClient
+
+            self._replica_class = RayClient
+        else:
+            self._replica_class = MPClient
+        # The replicas load their models at the same time; each constructor waits for its own.
         with ThreadPoolExecutor(max_workers=parallel.replicas) as pool:
-            futures = [pool.submit(MPClient, config, cpu_ids=cpu_ids) for cpu_ids in cpu_sets]
+            futures = [pool.submit(self._replica_class, config, cpu_ids=cpu_ids) for cpu_ids in cpu_sets]
             clients, errors = [], []
             for future in futures:
                 try:
@@ -69,7 +78,7 @@ class ReplicatedClient:
             for client in clients:
                 client.shutdown()
             raise errors[0]
-        self.replicas: list[MPClient] = clients
+        self.replicas: list = clients  # MPClient or RayClient, all of one kind
         self.healthy = [True] * len(clients)
         self._owner: dict[str, int] = {}  # sequence id -> the replica that runs it
         self._in_flight = [0] * len(clients)
@@ -79,10 +88,9 @@ class ReplicatedClient:
         self._orphans: list[EngineCoreOutput] = []  # sequences no replica took after a failure
         self._restarts: dict[int, Future] = {}
         self._restarter = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="splitfuse-replica")
-        self._poller = zmq.Poller()
+        self._poller = zmq.Poller()  # MPClient replicas: their sockets and process sentinels
         for client in clients:
-            for handle in client.wait_handles():
-                self._poller.register(handle, zmq.POLLIN)
+            self._watch(client)
         self.decisions: collections.Counter[str] = collections.Counter()  # routing reason -> requests
         self.num_failovers = 0  # sequences resumed on another replica
 
@@ -164,7 +172,25 @@ class ReplicatedClient:
                 return merged
             if not any(self.healthy) and not self._restarts:
                 raise EngineCoreDeadError("every engine replica has exited")
-            self._poller.poll(_RESTART_POLL_MS if self._restarts else None)
+            self._wait(_RESTART_POLL_MS if self._restarts else None)
+
+    def _wait(self, timeout_ms: Optional[int]) -> None:
+        if self._on_ray:
+            from splitfuse.engine.ray_client import wait_for_any_step
+
+            wait_for_any_step([c for c, up in zip(self.replicas, self.healthy) if up], timeout_ms)
+        else:
+            self._poller.poll(timeout_ms)
+
+    def _watch(self, client) -> None:
+        if not self._on_ray:
+            for handle in client.wait_handles():
+                self._poller.register(handle, zmq.POLLIN)
+
+    def _unwatch(self, client) -> None:
+        if not self._on_ray:
+            for handle in client.wait_handles():
+                self._poller.unregister(handle)
 
     def _take_ready(self) -> Optional[EngineCoreOutputs]:
         pieces = []
@@ -201,8 +227,7 @@ class ReplicatedClient:
             return
         logger.error("engine replica %s exited; resuming its requests on the others", self.replica_ids[index])
         self.healthy[index] = False
-        for handle in self.replicas[index].wait_handles():
-            self._poller.unregister(handle)
+        self._unwatch(self.replicas[index])
         self.replicas[index].shutdown()
         self.policy.forget_replica(self.replica_ids[index])
         orphaned = [request_id for request_id, owner in self._owner.items() if owner == index]
@@ -217,7 +242,8 @@ class ReplicatedClient:
                 self._release(group[0].request_id)
                 self._orphans.append(EngineCoreOutput(group[0].request_id, [], finish_reason="abort"))
         self.num_failovers += len(groups)
-        self._restarts[index] = self._restarter.submit(MPClient, self.config, cpu_ids=self._cpu_sets[index])
+        self._restarts[index] = self._restarter.submit(self._replica_class, self.config,
+                                                       cpu_ids=self._cpu_sets[index])
 
     def _resumed_request(self, request_id: str) -> Optional[EngineCoreRequest]:
         """The request as it stands: prompt + tokens so far, the rest of its budgets (None: it is done)."""
@@ -245,8 +271,7 @@ class ReplicatedClient:
                 continue
             self.replicas[index] = client
             self.healthy[index] = True
-            for handle in client.wait_handles():
-                self._poller.register(handle, zmq.POLLIN)
+            self._watch(client)
             logger.info("engine replica %s is back", self.replica_ids[index])
 
     def _loads(self) -> list[ReplicaLoad]:
