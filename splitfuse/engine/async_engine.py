@@ -66,6 +66,7 @@ class _Add:
     arrival_time: float
     priority: int
     stream: "RequestStream"
+    tenant: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -303,8 +304,12 @@ class AsyncLLMEngine:
     # ----- requests (event-loop thread) ---------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                          priority: int = 0, arrival_time: Optional[float] = None) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it, or raises why not."""
+                          priority: int = 0, arrival_time: Optional[float] = None,
+                          tenant: Optional[str] = None) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it, or raises why not.
+
+        ``tenant``: who sent it (the OpenAI ``user`` field); replicas with session routing keep a tenant on one.
+        """
         if self._dead_error is not None:
             raise EngineDeadError(f"the engine has stopped after an error: {self._dead_error!r}")
         if not self._accepting:
@@ -314,7 +319,7 @@ class AsyncLLMEngine:
         arrival_time = time.time() if arrival_time is None else arrival_time
         stream = RequestStream(request_id, self, arrival_time)
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt, params, arrival_time, priority, stream))
+        self._commands.put(_Add(request_id, prompt, params, arrival_time, priority, stream, tenant))
         try:
             # shield: a cancelled caller must not cancel the shared future; we abort instead.
             await asyncio.shield(stream._accepted)
@@ -399,7 +404,8 @@ class AsyncLLMEngine:
             return
         try:
             errors = self.engine.add_requests([
-                NewRequest(c.request_id, c.prompt, c.params, c.arrival_time, c.priority, RequestOutputKind.DELTA)
+                NewRequest(c.request_id, c.prompt, c.params, c.arrival_time, c.priority, RequestOutputKind.DELTA,
+                           c.tenant)
                 for c in commands])
         except Exception as error:  # not a refusal: the engine failed to take them at all
             errors = [error] * len(commands)

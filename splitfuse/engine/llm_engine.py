@@ -39,6 +39,7 @@ class NewRequest:
     arrival_time: Optional[float] = None
     priority: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    tenant: Optional[str] = None  # who sent it; session routing keeps a tenant on one replica
 
 
 class LLMEngine:
@@ -81,9 +82,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: Optional[float] = None, priority: int = 0,
-                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE, tenant: Optional[str] = None) -> None:
         """Queues a request; raises ValueError naming the problem (nothing is queued then)."""
-        (error,) = self.add_requests([NewRequest(request_id, prompt, params, arrival_time, priority, output_kind)])
+        (error,) = self.add_requests([NewRequest(request_id, prompt, params, arrival_time, priority, output_kind,
+                                                 tenant)])
         if error is not None:
             raise error
 
@@ -97,7 +99,7 @@ class LLMEngine:
                 if self.output_processor.has_request(new.request_id) or new.request_id in ids_in_batch:
                     raise ValueError(f"request id {new.request_id!r} is already in use")
                 prompt_token_ids, core_requests = self.input_processor.process(
-                    new.request_id, new.prompt, new.params, new.arrival_time, new.priority)
+                    new.request_id, new.prompt, new.params, new.arrival_time, new.priority, new.tenant)
             except (ValueError, TypeError) as error:
                 results[index] = error
                 continue

@@ -154,3 +154,25 @@ def test_splitfuse_serve_with_two_replicas_streams_and_reports_them(llama_ckpt):
         assert 'splitfuse:replica_up{replica="replica-0"} 1.0' in metrics
         assert 'splitfuse:replica_up{replica="replica-1"} 1.0' in metrics
         assert 'splitfuse:routing_decisions_total{reason="round_robin"} 3.0' in metrics
+
+
+def test_session_routing_keeps_each_tenant_on_one_replica(llama_ckpt):
+    from splitfuse.router.policies import rendezvous_weight
+
+    llm = LLM(model=llama_ckpt, dtype="float32", replicas=2, routing="session")
+    try:
+        engine, client = llm.engine, llm.engine.client
+        tenants = ["alice", "bob", "carol", "alice", "bob", "carol"]
+        owners = []
+        for i, tenant in enumerate(tenants):
+            engine.add_request(f"s{i}", random_prompts([6], seed=i)[0], GREEDY, tenant=tenant)
+            owners.append(client._owner[f"s{i}"])
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert owners[:3] == owners[3:]  # each tenant's second request went where its first did
+        # ... which is the replica rendezvous hashing ranks first for that tenant.
+        assert owners[:3] == [max((0, 1), key=lambda r: rendezvous_weight(t, client.replica_ids[r]))
+                              for t in tenants[:3]]
+        assert client.decisions == {"session": 6}
+    finally:
+        llm.engine.shutdown()

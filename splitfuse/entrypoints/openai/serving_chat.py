@@ -55,7 +55,8 @@ class OpenAIServingChat(OpenAIServing):
                                       logprobs=(request.top_logprobs or 0) if request.logprobs else None)
         prompt_token_ids = await self.render_prompt(request, template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        (stream,) = await self.start_requests(request_id, [prompt_token_ids], params, request.priority)
+        (stream,) = await self.start_requests(request_id, [prompt_token_ids], params, request.priority,
+                                              request.user)
         created = int(time.time())
         if request.stream:
             chunks = self._stream(request_id, model_name, created, request, params, stream)

@@ -158,14 +158,15 @@ class OpenAIServing:
                               f"(max_waiting_tokens = {limits.max_waiting_tokens})", param="prompt")
 
     async def start_requests(self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams,
-                             priority: int) -> list[RequestStream]:
+                             priority: int, tenant: Optional[str] = None) -> list[RequestStream]:
         """Add one engine request per prompt; all or nothing (a failure aborts the ones already added).
 
         The adds go out together, so the engine takes them all in one command batch.
         """
         self._check_fits_waiting_queue(prompts, params.n)
         sub_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        results = await asyncio.gather(*(self.engine.add_request(sub_id, prompt, params, priority=priority)
+        results = await asyncio.gather(*(self.engine.add_request(sub_id, prompt, params, priority=priority,
+                                                                 tenant=tenant)
                                          for sub_id, prompt in zip(sub_ids, prompts)), return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
         if not errors:

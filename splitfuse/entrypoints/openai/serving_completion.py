@@ -39,7 +39,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                       prompt_logprobs=request.logprobs if echo_logprobs else None)
         prompt_token_ids = await self._tokenize(prompts)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self.start_requests(request_id, prompt_token_ids, params, request.priority)
+        streams = await self.start_requests(request_id, prompt_token_ids, params, request.priority,
+                                            request.user)
         created = int(time.time())
         if request.stream:
             chunks = self._stream(request_id, model_name, created, request, params, prompts, streams)
