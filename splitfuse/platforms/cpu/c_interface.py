@@ -144,8 +144,8 @@ FUNCTIONS = (
 
 def header_text(functions: tuple[Function, ...] = FUNCTIONS, structs: tuple[Struct, ...] = STRUCTS) -> str:
     """The C header: the struct typedefs, then every function's prototype."""
-    lines = [f"/* Generated from splitfuse/platforms/cpu/c_interface.py when the kernels are built: edit that "
-             f"file, not this one. */", "#ifndef SPLITFUSE_KERNELS_H", "#define SPLITFUSE_KERNELS_H", "",
+    lines = ["/* Generated from splitfuse/platforms/cpu/c_interface.py when the kernels are built: edit that "
+             "file, not this one. */", "#ifndef SPLITFUSE_KERNELS_H", "#define SPLITFUSE_KERNELS_H", "",
              "#include <stddef.h>", "#include <stdint.h>", ""]
     for struct in structs:
         lines += [*struct.c_typedef(), ""]
