@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The router's own cost: one `splitfuse serve`, measured directly and through `splitfuse router` in front
 # of it, alternated ROUNDS times, with the same open-loop load (Poisson RATE req/s of short requests). The
-# difference in TTFT is what the extra hop adds.
+# difference in TTFT is what the extra hop adds. BACKEND=instant puts benchmarks/instant_openai_server.py
+# (answers at once, no model) behind the router instead, so the router's share is not lost in the model's.
 #
 #   bash benchmarks/router_overhead.sh             # results in benchmarks/results/router-<time>/
+#   BACKEND=instant RATE=100 NUM_REQUESTS=2000 bash benchmarks/router_overhead.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,7 +21,11 @@ mkdir -p "$OUT_DIR"
 
 wait_healthy() { for _ in $(seq 1 300); do curl -sf "$1/health" > /dev/null && return 0; sleep 1; done; return 1; }
 
-$PYTHON -m splitfuse serve --model "$MODEL" --port "$SERVE_PORT" > "$OUT_DIR/server.log" 2>&1 &
+if [[ ${BACKEND:-splitfuse} == instant ]]; then
+  $PYTHON benchmarks/instant_openai_server.py "$SERVE_PORT" > "$OUT_DIR/server.log" 2>&1 &
+else
+  $PYTHON -m splitfuse serve --model "$MODEL" --port "$SERVE_PORT" > "$OUT_DIR/server.log" 2>&1 &
+fi
 serve_pid=$!
 $PYTHON -m splitfuse router --backend "http://127.0.0.1:$SERVE_PORT" --port "$ROUTER_PORT" --routing round-robin \
   > "$OUT_DIR/router.log" 2>&1 &
@@ -32,7 +38,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for side in direct router; do
     port=$([[ $side == direct ]] && echo "$SERVE_PORT" || echo "$ROUTER_PORT")
     $PYTHON -m splitfuse bench serve --base-url "http://127.0.0.1:$port" --no-progress --output-dir "$OUT_DIR" \
-      --label "$side-$round" --num-requests "$NUM_REQUESTS" --prompt-len 32 --output-len 4 --arrival poisson \
+      --label "$side-$round" ${BENCH_MODEL:+--model "$BENCH_MODEL"} --num-requests "$NUM_REQUESTS" --prompt-len 32 --output-len 4 --arrival poisson \
       --sweep "$RATE" --duration-s 600 --request-timeout-s 120 > "$OUT_DIR/$side-$round-bench.log"
   done
 done
