@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from splitfuse.config import EngineConfig
 from splitfuse.clock import Clock, WallClock
 from splitfuse.engine.kv_cache import KVCacheManager
-from splitfuse.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from splitfuse.engine.protocol import EngineCoreError, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from splitfuse.engine.request import Request, RequestStatus
 from splitfuse.engine.scheduler import Scheduler
 from splitfuse.worker.executor import Executor
@@ -97,6 +97,18 @@ class EngineCore:
             raise QueueFullError(f"the waiting queue is full ({waiting_tokens} tokens wait to be computed, "
                                  f"{num_prompt_tokens} more would pass the limit of {config.max_waiting_tokens})")
 
+    def add_or_refuse(self, requests: list[EngineCoreRequest]) -> Optional[EngineCoreError]:
+        """``add_requests`` with its refusal as data, for a core driven from another process or machine.
+
+        The error's kind names the exception (QueueFullError, ValueError, or a bug's TypeError...).
+        """
+        try:
+            self.add_requests(requests)
+        except Exception as error:  # refused with nothing queued
+            kind = "QueueFullError" if isinstance(error, QueueFullError) else type(error).__name__
+            return EngineCoreError(str(error), [r.request_id for r in requests], kind)
+        return None
+
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         """Stops requests at once and frees their KV blocks; unknown or finished ids are ignored."""
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -125,6 +137,18 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output, started)
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         return EngineCoreOutputs(outputs, now, self.scheduler.kv_cache.take_events(), self.stats())
+
+    def step_or_abort(self) -> EngineCoreOutputs | EngineCoreError:
+        """``step``; if it raises, every unfinished request is aborted (the step may have left any of them
+        half-updated) and the failure comes back as a StepError naming them, so the core serves on."""
+        try:
+            return self.step()
+        except Exception as error:
+            request_ids = list(self.scheduler.requests)
+            logger.exception("engine step failed; aborting %d request(s)", len(request_ids))
+            self.abort_requests(request_ids)  # if this raises too, the core's owner sees it
+            return EngineCoreError(f"the engine failed while running this request: {error!r}", request_ids,
+                                   "StepError")
 
     def stats(self) -> SchedulerStats:
         scheduler, kv_cache = self.scheduler, self.scheduler.kv_cache

@@ -163,7 +163,7 @@ class MPClient:
             if isinstance(message, AddAck):
                 results.append(None)
             elif isinstance(message, EngineCoreError) and message.kind != "StepError":
-                results.append(_refusal(message))
+                results.append(refusal_error(message))
             else:
                 self._keep(message)
         return results
@@ -266,8 +266,8 @@ class MPClient:
                                    f"{self._process.exitcode}; its log above says why")
 
 
-def _refusal(error: EngineCoreError) -> Exception:
-    """The child's answer to a refused add, as the exception the core raised there."""
+def refusal_error(error: EngineCoreError) -> Exception:
+    """A core's refused add (``EngineCore.add_or_refuse``), as the exception the core raised there."""
     if error.kind == "QueueFullError":
         return QueueFullError(error.message)
     if error.kind == "ValueError":

@@ -42,7 +42,7 @@ import torch
 import zmq
 
 from splitfuse.config import EngineConfig
-from splitfuse.engine.core import EngineCore, QueueFullError
+from splitfuse.engine.core import EngineCore
 from splitfuse.engine.protocol import EngineCoreError, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -205,31 +205,13 @@ class CoreLoop:
             self.core.abort_requests(message.request_ids)
             self._flush_pending = True
             return
-        try:
-            self.core.add_requests(message.requests)
-        except Exception as error:  # refused with nothing queued; a bug's TypeError too, named by its kind
-            kind = "QueueFullError" if isinstance(error, QueueFullError) else type(error).__name__
-            self._send(EngineCoreError(str(error), [r.request_id for r in message.requests], kind))
-            return
-        self._send(AddAck())
+        refusal = self.core.add_or_refuse(message.requests)
+        self._send(AddAck() if refusal is None else refusal)
 
     def _step(self) -> None:
         self._flush_pending = False
-        try:
-            outputs = self.core.step()
-        except Exception as error:
-            self._recover_from_step_error(error)
-            return
-        self._send(StepOutputs(outputs))
-
-    def _recover_from_step_error(self, error: Exception) -> None:
-        # The step may have left any request half-updated: abort all of them so the core's
-        # state is clean again, tell the frontend which ones, and keep serving.
-        request_ids = list(self.core.scheduler.requests)
-        logger.exception("engine step failed; aborting %d request(s)", len(request_ids))
-        self.core.abort_requests(request_ids)  # if this raises too, the child dies and the frontend sees it
-        self._send(EngineCoreError(f"the engine failed while running this request: {error!r}", request_ids,
-                                   "StepError"))
+        result = self.core.step_or_abort()
+        self._send(result if isinstance(result, EngineCoreError) else StepOutputs(result))
 
     def _send(self, message: OutputMessage) -> None:
         self.output_socket.send(self._encoder.encode(message))

@@ -96,10 +96,6 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._groups)
-
     def process(self, core_outputs: EngineCoreOutputs) -> ProcessedOutputs:
         now = core_outputs.timestamp
         changed: dict[str, _Group] = {}

@@ -13,8 +13,8 @@ import os
 from typing import Iterable, Optional
 
 from splitfuse.config import EngineConfig
-from splitfuse.engine.core import EngineCore, QueueFullError
-from splitfuse.engine.core_client import EngineCoreDeadError, EngineCoreStepError
+from splitfuse.engine.core import EngineCore
+from splitfuse.engine.core_client import EngineCoreDeadError, EngineCoreStepError, refusal_error
 from splitfuse.engine.protocol import EngineCoreError, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
 
@@ -28,28 +28,15 @@ class EngineCoreActor:
             torch.set_num_threads(num_threads)
         self.core = EngineCore.from_config(config)
 
-    def add_request_groups(self, groups: list[list[EngineCoreRequest]]) -> list[Optional[tuple[str, str]]]:
-        """Per group, None (queued) or (QueueFullError | ValueError, message)."""
-        results: list[Optional[tuple[str, str]]] = []
-        for group in groups:
-            try:
-                self.core.add_requests(group)
-                results.append(None)
-            except ValueError as error:
-                results.append(("QueueFullError" if isinstance(error, QueueFullError) else "ValueError", str(error)))
-        return results
+    def add_request_groups(self, groups: list[list[EngineCoreRequest]]) -> list[Optional[EngineCoreError]]:
+        """Per group, None (queued) or why it was refused."""
+        return [self.core.add_or_refuse(group) for group in groups]
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.core.abort_requests(request_ids)
 
     def step(self) -> EngineCoreOutputs | EngineCoreError:
-        try:
-            return self.core.step()
-        except Exception as error:  # abort everything it held, as the other clients' cores do, and serve on
-            request_ids = list(self.core.scheduler.requests)
-            self.core.abort_requests(request_ids)
-            return EngineCoreError(f"the engine failed while running this request: {error!r}", request_ids,
-                                   "StepError")
+        return self.core.step_or_abort()
 
     def stats(self) -> SchedulerStats:
         return self.core.stats()
@@ -88,13 +75,10 @@ class RayClient:
     def add_request_groups(self, groups: list[list[EngineCoreRequest]]) -> list[Optional[Exception]]:
         answers = self._get(self._actor.add_request_groups.remote(groups))
         results: list[Optional[Exception]] = []
-        for group, answer in zip(groups, answers):
-            if answer is None:
+        for group, refusal in zip(groups, answers):
+            if refusal is None:
                 self._live.update(r.request_id for r in group)
-                results.append(None)
-            else:
-                kind, message = answer
-                results.append(QueueFullError(message) if kind == "QueueFullError" else ValueError(message))
+            results.append(None if refusal is None else refusal_error(refusal))
         return results
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
