@@ -9,6 +9,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source benchmarks/common.sh
 AFTER=$(pwd)
 BEFORE=${BEFORE:?set BEFORE to a checkout of the commit to compare with}
 PYTHON=${PYTHON:-python3}
@@ -23,7 +24,7 @@ serve_and_bench() {  # serve_and_bench TREE LABEL
   local tree=$1 label=$2 pid
   PYTHONPATH=$tree $PYTHON -m splitfuse serve --model "$MODEL" --port "$PORT" > "$OUT_DIR/$label-server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 1; done
+  wait_healthy "http://127.0.0.1:$PORT"
   PYTHONPATH=$AFTER $PYTHON -m splitfuse bench serve --base-url "http://127.0.0.1:$PORT" --no-progress \
     --output-dir "$OUT_DIR" --duration-s "$DURATION_S" --request-timeout-s 120 --arrival closed --sweep 32 \
     --num-requests 64 --prompt-len 128 --output-len 128 --label "$label-serve32"

@@ -7,6 +7,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source benchmarks/common.sh
 PYTHON=${PYTHON:-python3}
 PORT=${PORT:-8325}
 NUM_REQUESTS=${NUM_REQUESTS:-64}
@@ -22,7 +23,7 @@ run() {  # run LABEL KILL(0|1)
   $PYTHON -m splitfuse serve --model "$MODEL" --port "$PORT" --replicas 2 --threads-per-replica 1 \
     --routing least-load > "$OUT_DIR/$label-server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 300); do curl -sf "$BASE_URL/health" > /dev/null && break; sleep 1; done
+  wait_healthy "$BASE_URL"
   $PYTHON -m splitfuse bench serve --base-url "$BASE_URL" --no-progress --output-dir "$OUT_DIR" --label "$label" \
     --num-requests "$NUM_REQUESTS" --prompt-len 128 --output-len 128 --arrival closed --sweep "$CONCURRENCY" \
     --duration-s 600 --request-timeout-s 300 > "$OUT_DIR/$label-bench.log" &

@@ -11,6 +11,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source benchmarks/common.sh
 PYTHON=${PYTHON:-python3}
 PORT=${PORT:-8324}
 NUM_PREFIXES=${NUM_PREFIXES:-16}
@@ -35,7 +36,7 @@ run() {  # run LABEL [serve flags...]
   shift
   $PYTHON -m splitfuse serve --model "$MODEL" --port "$PORT" "$@" > "$OUT_DIR/$label-server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 300); do curl -sf "$BASE_URL/health" > /dev/null && break; sleep 1; done
+  wait_healthy "$BASE_URL"
   before=$(hit_rate)
   $PYTHON -m splitfuse bench serve --base-url "$BASE_URL" --no-progress --output-dir "$OUT_DIR" --label "$label" \
     --workload shared-prefix --num-prefixes "$NUM_PREFIXES" --prefix-len "$PREFIX_LEN" \

@@ -9,6 +9,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source benchmarks/common.sh
 PYTHON=${PYTHON:-python3}
 SERVE_PORT=${SERVE_PORT:-8326}
 ROUTER_PORT=${ROUTER_PORT:-8327}
@@ -18,8 +19,6 @@ ROUNDS=${ROUNDS:-2}
 MODEL=${MODEL:-$($PYTHON -c "from splitfuse.models.sources import resolve_model; print(resolve_model('').path)")}
 OUT_DIR=${OUT_DIR:-benchmarks/results/router-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT_DIR"
-
-wait_healthy() { for _ in $(seq 1 300); do curl -sf "$1/health" > /dev/null && return 0; sleep 1; done; return 1; }
 
 if [[ ${BACKEND:-splitfuse} == instant ]]; then
   $PYTHON benchmarks/instant_openai_server.py "$SERVE_PORT" > "$OUT_DIR/server.log" 2>&1 &

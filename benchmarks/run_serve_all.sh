@@ -17,6 +17,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source benchmarks/common.sh
 PYTHON=${PYTHON:-python3}
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm-venv}
 SERVERS=${SERVERS:-splitfuse vllm}
@@ -29,15 +30,6 @@ DURATION_S=${DURATION_S:-45}
 RUNS=${RUNS:-fixed mixed poisson}
 BASE_URL="http://127.0.0.1:$PORT"
 mkdir -p "$OUT_DIR"
-
-wait_healthy() {
-  for _ in $(seq 1 300); do
-    if curl -sf "$BASE_URL/health" > /dev/null; then return 0; fi
-    sleep 1
-  done
-  echo "server did not become healthy" >&2
-  return 1
-}
 
 bench() {  # bench LABEL [flags...]
   local label=$1
@@ -96,7 +88,7 @@ for server in $SERVERS; do
   [[ $server == llama ]] && label=$LLAMA_LABEL
   echo "== $label" >&2
   "start_$server"
-  wait_healthy
+  wait_healthy "$BASE_URL"
   run_all "$label"
   stop_server
 done
