@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Iterator
 import httpx
 
 from splitfuse.entrypoints.openai.server_config import API_KEY_ENV
+from splitfuse.metrics.prometheus import parse_metrics
 
 
 def free_port() -> int:
@@ -51,3 +53,35 @@ def serve_process(*serve_args: str, timeout_s: float = 120) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=120)
+
+
+class ServeProcess:
+    """`splitfuse serve CHECKPOINT` (fp32) as a real process on one port across restarts, for tests that kill it."""
+
+    def __init__(self, checkpoint: str, model_name: str, *extra_args: str) -> None:
+        self.command = [sys.executable, "-m", "splitfuse", "serve", checkpoint, "--dtype", "float32",
+                        "--served-model-name", model_name, "--log-level", "warning", *extra_args]
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        port = self.url.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(self.command + ["--port", port], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, API_KEY_ENV: ""})
+
+    def wait_healthy(self) -> None:
+        wait_for_health(self.process, self.url)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+    def num_finished(self, finished_reason: str = "") -> float:
+        values = parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+        name = "splitfuse:request_success_total" + (f"{{finished_reason={finished_reason}}}" if finished_reason else "")
+        return sum(v for k, v in values.items() if k.startswith(name))

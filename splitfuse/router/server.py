@@ -5,17 +5,20 @@ picks a routable backend, and the request goes there with its body bytes untouch
 back is passed through: status, headers and body as they are, an SSE stream chunk by chunk as
 the chunks arrive. A request that got no byte back (refused, reset, dropped) was not started,
 so it is sent to another routable backend, each backend tried at most once; once a byte came
-back it stays where it is. A stream that breaks midway ends with one OpenAI error event: going
-on from the tokens already streamed on another backend is not done here.
+back it stays where it is. A stream that breaks midway goes on on another backend from the text
+already streamed (resume.py), so the client's stream goes on; where it cannot (no other backend,
+several choices, a prompt of token ids), it ends with one OpenAI error event.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import httpx
 from fastapi import FastAPI, Request
@@ -28,6 +31,8 @@ from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, install
 from splitfuse.entrypoints.openai.json_body import parse_json_body
 from splitfuse.metrics.prometheus import CONTENT_TYPE
 from splitfuse.router.backends import Backend, BackendPool
+from splitfuse.router.resume import (NotResumable, StreamLog, continuation_body, continuation_rewriter, finish_events,
+                                     progress_of)
 from splitfuse.router.types import RouteRequest, RoutingPolicy
 
 logger = logging.getLogger(__name__)
@@ -130,6 +135,8 @@ class RouterMetrics:
                                 ["backend", "status"], registry=self.registry)
         self.retries = Counter(PREFIX + "retries", "Requests sent again to another backend because one could not "
                                                    "be reached.", registry=self.registry)
+        self.resumed = Counter(PREFIX + "streams_resumed", "Streams that went on on another backend after theirs "
+                                                           "broke off midway.", registry=self.registry)
         self.registry.register(_PoolCollector(pool))
 
     def render(self) -> bytes:
@@ -143,38 +150,102 @@ class _NotStarted(Exception):
     """The backend sent nothing back: the request can go elsewhere."""
 
 
+@dataclass(frozen=True)
+class _Routed:
+    """One request as the router forwards it: where it came from, what it asks, where it may go on."""
+
+    raw: Request
+    path: str
+    kind: str  # "completions", "chat", or "" for a request that is not generation
+    parsed: Any  # the body as JSON
+    body: bytes  # the body as it came
+
+
 class _RelayedStream(StreamingResponse):
-    """An upstream SSE stream relayed chunk by chunk; whatever ends it (its end, the client gone) closes the upstream.
+    """An upstream SSE stream relayed event by event; whatever ends it (its end, the client gone) closes the upstream.
 
     Closing the upstream mid-stream drops that connection, which the backend takes as the client gone (it aborts).
+    When the upstream breaks off, the stream goes on on another backend (resume.py) or ends with an error event.
     """
 
-    def __init__(self, upstream: httpx.Response, backend: Backend, headers: dict[str, str]) -> None:
+    def __init__(self, forwarder: _Forwarder, routed: _Routed, upstream: httpx.Response, backend: Backend,
+                 headers: dict[str, str]) -> None:
         super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
+        self._forwarder = forwarder
+        self._routed = routed
         self._upstream = upstream
         self._backend = backend
         self._closed = False
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._upstream.aiter_raw():
-                yield chunk
-        except httpx.TransportError as error:  # the status line went out long ago: say it in the stream
-            logger.warning("backend %s broke off a stream: %r", self._backend.url, error)
-            message = f"the backend {self._backend.url} broke off the stream: {error!r}"
-            yield f"data: {json.dumps(error_body(message, 502, type='server_error', code='backend_error'))}\n\n"
+        log = StreamLog()
+        tried = {self._backend.url: "broke off the stream"}
+        while True:
+            try:
+                async for chunk in self._upstream.aiter_raw():
+                    if out := log.feed(chunk):
+                        yield out
+                if out := log.flush():
+                    yield out
+                return
+            except httpx.TransportError as error:  # the status line went out long ago: go on elsewhere, or say it
+                log.drop_pending()
+                logger.warning("backend %s broke off a stream: %r", self._backend.url, error)
+                failure = f"the backend {self._backend.url} broke off the stream: {error!r}"
+            try:
+                resumed = await self._go_on_elsewhere(log, tried)
+            except (NotResumable, OpenAIError) as why:
+                message = why.message if isinstance(why, OpenAIError) else str(why)
+                yield sse_error_event(f"{failure}; it cannot go on elsewhere: {message}")
+                return
+            if resumed is not None:  # it was over already, or its token budget ran out: it ends here
+                if resumed:
+                    yield resumed
+                return
+
+    async def _go_on_elsewhere(self, log: StreamLog, tried: dict[str, str]) -> Optional[bytes]:
+        """Switches to a continuation on another backend (None), or gives the stream's last bytes when it is over."""
+        kind = self._routed.kind
+        progress = progress_of(kind, log.events())
+        if progress.done:
+            return b""
+        if progress.finished:
+            return b"data: [DONE]\n\n"
+        body = continuation_body(kind, self._routed.parsed, progress)
+        if body is None:
+            return finish_events(kind, progress)
+        routed = dataclasses.replace(self._routed, parsed=body, body=json.dumps(body).encode())
+        await self._release()
+        backend, upstream = await self._forwarder.open_routed(routed, tried)
+        if upstream.status_code >= 400 or not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            try:
+                detail = (await upstream.aread()).decode("utf-8", "replace")[:500]
+            finally:
+                backend.release()
+                await upstream.aclose()
+            raise OpenAIError(f"{backend.url} answered the continuation with {upstream.status_code}: {detail}")
+        logger.warning("the stream goes on on %s after %d tokens", backend.url, progress.num_tokens)
+        self._forwarder.metrics.resumed.inc()
+        tried[backend.url] = "broke off the stream"
+        self._backend, self._upstream, self._closed = backend, upstream, False
+        log.rewrite = continuation_rewriter(kind, progress)
+        return None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._close()
+            await self._release()
 
-    async def _close(self) -> None:
+    async def _release(self) -> None:
         if not self._closed:
             self._closed = True
             self._backend.release()  # first: a cancelled aclose() must not leak the count
             await self._upstream.aclose()
+
+
+def sse_error_event(message: str) -> bytes:
+    return f"data: {json.dumps(error_body(message, 502, type='server_error', code='backend_error'))}\n\n".encode()
 
 
 class _Forwarder:
@@ -185,8 +256,13 @@ class _Forwarder:
         self.policy = policy
         self.metrics = metrics
 
-    async def route(self, raw: Request, path: str, route: RouteRequest, body: bytes) -> Response:
-        failures: dict[str, str] = {}  # backend url -> why it could not be reached
+    async def route(self, routed: _Routed) -> Response:
+        backend, upstream = await self.open_routed(routed, {})
+        return await self._relay(backend, upstream, routed)
+
+    async def open_routed(self, routed: _Routed, failures: dict[str, str]) -> tuple[Backend, httpx.Response]:
+        """The answer's head from a backend the policy picks among those not in ``failures`` (which it extends)."""
+        route = route_request_of(routed.kind, routed.parsed, routed.raw.headers)
         for attempt in range(len(self.pool.backends)):
             loads = self.pool.loads(exclude=failures)
             if not any(load.healthy for load in loads):
@@ -197,13 +273,13 @@ class _Forwarder:
                 self.metrics.retries.inc()
             backend = self.pool.get(decision.replica_id)
             try:
-                upstream = await self._open(backend, raw, path, body)
+                upstream = await self._open(backend, routed.raw, routed.path, routed.body)
             except _NotStarted as failure:
                 failures[backend.url] = str(failure)
                 continue
             if upstream.status_code < 400:
                 self.policy.on_routed(route, backend.url)
-            return await self._relay(backend, upstream)
+            return backend, upstream
         raise self._no_backend(failures)
 
     async def first_routable(self, raw: Request, path: str) -> Response:
@@ -213,9 +289,11 @@ class _Forwarder:
             if not backend.routable(self.pool.now_s()):
                 continue
             try:
-                return await self._relay(backend, await self._open(backend, raw, path, b""))
+                upstream = await self._open(backend, raw, path, b"")
             except _NotStarted as failure:
                 failures[backend.url] = str(failure)
+                continue
+            return await self._relay(backend, upstream, _Routed(raw, path, "", None, b""))
         raise self._no_backend(failures)
 
     async def _open(self, backend: Backend, raw: Request, path: str, body: bytes) -> httpx.Response:
@@ -246,10 +324,10 @@ class _Forwarder:
         self.metrics.requests.labels(backend.url, str(upstream.status_code)).inc()
         return upstream
 
-    async def _relay(self, backend: Backend, upstream: httpx.Response) -> Response:
+    async def _relay(self, backend: Backend, upstream: httpx.Response, routed: _Routed) -> Response:
         headers = {k: v for k, v in upstream.headers.items() if k not in _DROP_RESPONSE_HEADERS}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return _RelayedStream(upstream, backend, headers)
+            return _RelayedStream(self, routed, upstream, backend, headers)
         try:
             content = await upstream.aread()
         except httpx.TransportError as error:
@@ -313,12 +391,12 @@ def build_router_app(pool: BackendPool, policy: RoutingPolicy) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(raw: Request) -> Response:
         body, parsed = await _json_body(raw)
-        return await forwarder.route(raw, "/v1/completions", route_request_of("completions", parsed, raw.headers), body)
+        return await forwarder.route(_Routed(raw, "/v1/completions", "completions", parsed, body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request) -> Response:
         body, parsed = await _json_body(raw)
-        return await forwarder.route(raw, "/v1/chat/completions", route_request_of("chat", parsed, raw.headers), body)
+        return await forwarder.route(_Routed(raw, "/v1/chat/completions", "chat", parsed, body))
 
     @app.get("/v1/models")
     async def models(raw: Request) -> Response:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,13 +23,12 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from splitfuse.entrypoints.openai.server import ServerThread
-from splitfuse.entrypoints.openai.server_config import API_KEY_ENV
 from splitfuse.metrics.prometheus import parse_metrics
 from splitfuse.router.backends import Backend, BackendConfig, BackendPool, parse_load
 from splitfuse.router.policies import make_policy, rendezvous_weight
 from splitfuse.router.server import build_router_app, render_history, route_request_of
 from splitfuse.router.types import RouteRequest
-from server_process import free_port, wait_for_health
+from server_process import ServeProcess, free_port, wait_for_health
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,41 +39,9 @@ GREEDY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
 FAST_HEALTH = BackendConfig(health_interval_s=0.2, fail_after=2, recover_after=2, breaker_cooldown_s=1.0)
 
 
-class ServeProcess:
-    """`splitfuse serve` on the tiny checkpoint as a real process, on one port across restarts."""
-
-    def __init__(self, checkpoint: str) -> None:
-        self.command = [sys.executable, "-m", "splitfuse", "serve", checkpoint, "--dtype", "float32",
-                        "--served-model-name", MODEL, "--log-level", "warning"]
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        port = self.url.rsplit(":", 1)[1]
-        self.process = subprocess.Popen(self.command + ["--port", port], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, API_KEY_ENV: ""})
-
-    def wait_healthy(self) -> None:
-        wait_for_health(self.process, self.url)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
-
-    def num_finished(self, finished_reason: str = "") -> float:
-        values = parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
-        name = "splitfuse:request_success_total" + (f"{{finished_reason={finished_reason}}}" if finished_reason else "")
-        return sum(v for k, v in values.items() if k.startswith(name))
-
-
 @pytest.fixture(scope="module")
 def backends(llama_ckpt) -> Iterator[list[ServeProcess]]:
-    processes = [ServeProcess(llama_ckpt), ServeProcess(llama_ckpt)]
+    processes = [ServeProcess(llama_ckpt, MODEL), ServeProcess(llama_ckpt, MODEL)]
     try:
         for process in processes:  # both load the model at once
             process.start()

@@ -151,6 +151,33 @@ def test_chat_uses_the_checkpoint_template_and_equals_offline_chat(client, offli
     assert chunks[-1].usage.total_tokens == response.usage.total_tokens
 
 
+def test_continue_final_message_goes_on_from_the_assistants_text(client, offline):
+    """vLLM's flag: the last assistant message rendered open, as transformers renders it, and the reply goes on."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "Hello there"}]
+    prompt = offline.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert prompt.endswith("Hello there")
+    prompt_ids = offline.tokenizer.encode(prompt, add_special_tokens=False)
+    expected = greedy(offline, prompt_ids, 8)
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"continue_final_message": True,
+                                                          "add_generation_prompt": False})
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == len(prompt_ids)
+
+    def bad(messages, **extra) -> str:
+        with pytest.raises(openai.BadRequestError) as failure:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                           extra_body={"continue_final_message": True, **extra})
+        return failure.value.body["message"]
+
+    assert bad(messages) == "continue_final_message and add_generation_prompt cannot both be true"
+    assert bad(MESSAGES, add_generation_prompt=False) == \
+        "continue_final_message needs the last message to be the assistant's, got 'user'"
+    assert bad([*MESSAGES, {"role": "assistant", "content": ""}], add_generation_prompt=False) == (
+        "continue_final_message: the chat template does not show the last message's text, so the reply cannot go "
+        "on from it")
+
+
 def test_chat_logprobs_and_n(client):
     response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
                                               logprobs=True, top_logprobs=2, n=2)

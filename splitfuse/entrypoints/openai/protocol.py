@@ -95,6 +95,8 @@ class ChatCompletionRequest(BaseSamplingRequest):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    # Render the last (assistant) message open-ended, so the reply goes on from its text (vLLM's flag).
+    continue_final_message: bool = False
     # Template variables: plain JSON values only, so a template sees nothing it could walk or call.
     chat_template_kwargs: Optional[dict[str, Optional[Union[str, bool, int, float]]]] = None
     chat_template: Optional[str] = None  # refused unless the server trusts request templates

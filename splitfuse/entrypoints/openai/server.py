@@ -91,10 +91,13 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], config: Opt
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await chat.create_chat_completion(request, raw_request)
 
+    # One list for the server's life: a model's `created` is when this server began serving it.
+    model_list = ModelList(data=[ModelCard(id=name, root=served_model_names[0], max_model_len=engine.max_model_len)
+                                 for name in served_model_names])
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=served_model_names[0], max_model_len=engine.max_model_len)
-                               for name in served_model_names])
+        return model_list
 
     @app.get("/health")
     async def health() -> Response:

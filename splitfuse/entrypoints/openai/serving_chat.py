@@ -48,6 +48,13 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
             raise OpenAIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
                               param="top_logprobs")
+        if request.continue_final_message:
+            if request.add_generation_prompt:
+                raise OpenAIError("continue_final_message and add_generation_prompt cannot both be true",
+                                  param="continue_final_message")
+            if request.messages[-1].role != "assistant":
+                raise OpenAIError("continue_final_message needs the last message to be the assistant's, got "
+                                  f"{request.messages[-1].role!r}", param="continue_final_message")
         template = self._template(request)
         # No max_tokens: the engine gives the request what is left of the context window.
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
@@ -108,6 +115,8 @@ class OpenAIServingChat(OpenAIServing):
             status, code = _RENDER_FAILURES.get(failure.kind, (400, "chat_template_error"))
             raise OpenAIError(f"cannot apply the chat template: {failure.message}", status,
                               param="messages" if status == 400 else None, code=code) from None
+        if request.continue_final_message:
+            text = cut_after_final_message(text, variables["messages"][-1]["content"])
         self.check_prompt_chars(len(text), f"the chat prompt has {len(text)} characters", "messages")
         # The template already wrote BOS and friends as text; adding them again would double them.
         return await self.workers.tokenize(text, add_special_tokens=False)
@@ -166,6 +175,20 @@ class OpenAIServingChat(OpenAIServing):
             yield SSE_DONE
         finally:
             stream.abort()
+
+
+def cut_after_final_message(rendered: str, final: str) -> str:
+    """The rendered chat cut right after the final message's text, so what the template closes it with is gone.
+
+    ``"<|im_start|>assistant\\nThe capital<|im_end|>\\n"``, ``"The capital"`` ->
+    ``"<|im_start|>assistant\\nThe capital"``. A template that strips the message is matched on the
+    stripped text (as transformers does); an empty message, or one the template does not show, is a 400.
+    """
+    for text in (final, final.strip()):
+        if text and text in rendered:
+            return rendered[:rendered.rindex(text) + len(text)]
+    raise OpenAIError("continue_final_message: the chat template does not show the last message's text, so the "
+                      "reply cannot go on from it", param="messages")
 
 
 def _to_template_message(message: ChatMessage) -> dict[str, str]:
