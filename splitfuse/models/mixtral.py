@@ -67,9 +67,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def prepare_for_inference(self) -> None:
         super().prepare_for_inference()
-        if self.platform.linears is not None:  # the layers were packed (bf16 on the CPU): tile the experts alike
-            for layer in self.layers:
-                layer.mlp.row_tile = self.platform.linears.row_tile
+        for layer in self.layers:  # bf16 on the CPU, batch-invariant: the experts run in fixed row tiles
+            layer.mlp.row_tile = self.platform.row_tile
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:

@@ -27,7 +27,7 @@ from splitfuse.platforms import cuda
 from splitfuse.platforms.cpu.attention import CpuPagedBackend, cpu_kernel_supported
 from splitfuse.platforms.cpu.decoder import CpuDecoder
 from splitfuse.platforms.cpu.kernels import DTYPE_CODES, CpuKernels, build_cpu_kernels
-from splitfuse.platforms.cpu.linear import LinearPacker, packing_supported
+from splitfuse.platforms.cpu.linear import ROW_TILE, LinearPacker, packing_supported
 from splitfuse.platforms.cpu.ops import kernel_ops
 from splitfuse.platforms.ops import TORCH_OPS, Ops
 
@@ -45,6 +45,18 @@ class Platform:
     ops: Ops  # what the layers call: the C kernels' wrappers or the torch ops
     kernels: Optional[CpuKernels]  # the C kernels this platform runs; None: torch ops only
     linears: Optional[LinearPacker]  # how linear layers are prepacked at load; None: plain nn.Linear
+
+    @property
+    def row_tile(self) -> Optional[int]:
+        """The one row count of a bf16 matmul call on the CPU when batch invariance is asked, else None.
+
+        oneDNN picks its kernel (and its rounding) by row count whether the layers were packed or not
+        (no AVX-512: torch's plain bf16 linear), so layers that see varying rows, like experts, run in tiles.
+        """
+        if self.linears is not None:
+            return self.linears.row_tile
+        return ROW_TILE if self.batch_invariant and self.device.type == "cpu" and self.dtype == torch.bfloat16 \
+            else None
 
     @property
     def uses_amx(self) -> bool:
