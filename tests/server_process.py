@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import httpx
 
@@ -40,13 +40,14 @@ def wait_for_health(process: subprocess.Popen, url: str, timeout_s: float = 120)
 
 
 @contextlib.contextmanager
-def serve_process(*serve_args: str, timeout_s: float = 120) -> Iterator[str]:
+def serve_process(*serve_args: str, timeout_s: float = 120, env: Optional[dict[str, str]] = None
+                  ) -> Iterator[str]:
     """`python -m splitfuse serve ARGS --port P` with no API key; yields its base URL once healthy."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "splitfuse", "serve", *serve_args, "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, API_KEY_ENV: ""})
+                               env={**os.environ, API_KEY_ENV: "", **(env or {})})
     try:
         wait_for_health(process, url, timeout_s)
         yield url

@@ -10,6 +10,7 @@ collected when it is done (``take_output``), so replicas on different machines s
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterable, Optional
 
 from splitfuse.config import EngineConfig
@@ -42,11 +43,16 @@ class EngineCoreActor:
         return self.core.stats()
 
 
+_RAY_INIT_LOCK = threading.Lock()  # the replicas' clients start on threads of their own, at once
+
+
 def ensure_ray(address: Optional[str]) -> None:
     """Connects to the cluster at ``address``, or starts a local one (no dashboard) when there is none yet."""
     import ray
 
-    if not ray.is_initialized():
+    with _RAY_INIT_LOCK:
+        if ray.is_initialized():
+            return
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
                  num_cpus=None if address else len(os.sched_getaffinity(0)))
 
