@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import httpx
+import aiohttp
 
 from splitfuse.metrics.prometheus import PREFIX as SPLITFUSE_PREFIX
 from splitfuse.router.types import ReplicaLoad
@@ -198,12 +198,12 @@ class BackendPool:
             raise ValueError(f"a backend URL is given twice: {list(urls)}")
         self._by_url = {backend.url: backend for backend in self.backends}
         self._clock = clock
-        self._client: Optional[httpx.AsyncClient] = None
+        self._client: Optional[aiohttp.ClientSession] = None
         self._health_task: Optional[asyncio.Task] = None
         self._on_down: Callable[[str], None] = lambda _: None
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
         assert self._client is not None, "BackendPool.start() was not called"
         return self._client
 
@@ -223,10 +223,13 @@ class BackendPool:
 
         ``on_down(url)`` is called each time a backend is marked down (a policy forgets its cache).
         """
-        timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                              keepalive_expiry=_KEEPALIVE_EXPIRY_S)
-        self._client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        # No total limit: a stream lasts as long as its answer; sock_read bounds each wait for bytes.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
+                                        sock_read=self.config.request_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY_S)
+        # Bodies are relayed as they come, never decoded (the router asks backends for identity encoding).
+        self._client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                             trust_env=False)
         self._on_down = on_down
         await self.check_all()
         self._health_task = asyncio.create_task(self._health_loop(), name="splitfuse-router-health")
@@ -237,7 +240,7 @@ class BackendPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     async def check_all(self) -> None:
         """One health round: every backend's ``/health``, and ``/metrics`` of those that passed, concurrently."""
@@ -252,24 +255,25 @@ class BackendPool:
                 logger.exception("health round failed")
 
     async def _check(self, backend: Backend) -> None:
-        timeout = self.config.health_timeout_s
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
         try:
-            ok = (await self.client.get(backend.url + "/health", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
+            async with self.client.get(backend.url + "/health", timeout=timeout) as response:
+                ok = response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
         if backend.on_health(ok):
             self._on_down(backend.url)
         if ok:
             await self._scrape_load(backend, timeout)
 
-    async def _scrape_load(self, backend: Backend, timeout_s: float) -> None:
+    async def _scrape_load(self, backend: Backend, timeout: aiohttp.ClientTimeout) -> None:
         """Replaces the backend's load gauges by its ``/metrics``; any failure keeps the previous values."""
         try:
-            response = await self.client.get(backend.url + "/metrics", timeout=timeout_s)
-            if response.status_code != 200:
-                return
-            values = parse_load(response.text)
-        except (httpx.HTTPError, ValueError):
+            async with self.client.get(backend.url + "/metrics", timeout=timeout) as response:
+                if response.status != 200:
+                    return
+                values = parse_load(await response.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return
         backend.load = ReplicaLoad(replica_id=backend.url, num_waiting=int(values.get("num_waiting", 0)),
                                    num_running=int(values.get("num_running", 0)),

@@ -12,6 +12,7 @@ several choices, a prompt of token ids), it ends with one OpenAI error event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -47,8 +48,8 @@ _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive"
                                     "server"})
 # Asking backends for uncompressed bodies lets the router relay bytes without decoding or re-negotiating them.
 _UPSTREAM_ENCODING = {"accept-encoding": "identity"}
-# The failures that mean no byte of a response came back: the backend never started the request.
-_NOT_STARTED_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+# What breaks off a response midway: the connection (reset, closed, a bad frame) or a wait for bytes too long.
+_BROKEN_OFF_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 # ----- routing keys ------------------------------------------------------------------------------
@@ -168,9 +169,9 @@ class _RelayedStream(StreamingResponse):
     When the upstream breaks off, the stream goes on on another backend (resume.py) or ends with an error event.
     """
 
-    def __init__(self, forwarder: _Forwarder, routed: _Routed, upstream: httpx.Response, backend: Backend,
+    def __init__(self, forwarder: _Forwarder, routed: _Routed, upstream: aiohttp.ClientResponse, backend: Backend,
                  headers: dict[str, str]) -> None:
-        super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
+        super().__init__(self._chunks(), status_code=upstream.status, headers=headers)
         self._forwarder = forwarder
         self._routed = routed
         self._upstream = upstream
@@ -182,13 +183,13 @@ class _RelayedStream(StreamingResponse):
         tried = {self._backend.url: "broke off the stream"}
         while True:
             try:
-                async for chunk in self._upstream.aiter_raw():
+                async for chunk in self._upstream.content.iter_any():
                     if out := log.feed(chunk):
                         yield out
                 if out := log.flush():
                     yield out
                 return
-            except httpx.TransportError as error:  # the status line went out long ago: go on elsewhere, or say it
+            except _BROKEN_OFF_ERRORS as error:  # the status line went out long ago: go on elsewhere, or say it
                 log.drop_pending()
                 logger.warning("backend %s broke off a stream: %r", self._backend.url, error)
                 failure = f"the backend {self._backend.url} broke off the stream: {error!r}"
@@ -217,13 +218,13 @@ class _RelayedStream(StreamingResponse):
         routed = dataclasses.replace(self._routed, parsed=body, body=json.dumps(body).encode())
         await self._release()
         backend, upstream = await self._forwarder.open_routed(routed, tried)
-        if upstream.status_code >= 400 or not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        if upstream.status >= 400 or not upstream.headers.get("content-type", "").startswith("text/event-stream"):
             try:
-                detail = (await upstream.aread()).decode("utf-8", "replace")[:500]
+                detail = (await upstream.read()).decode("utf-8", "replace")[:500]
             finally:
                 backend.release()
-                await upstream.aclose()
-            raise OpenAIError(f"{backend.url} answered the continuation with {upstream.status_code}: {detail}")
+                upstream.close()
+            raise OpenAIError(f"{backend.url} answered the continuation with {upstream.status}: {detail}")
         logger.warning("the stream goes on on %s after %d tokens", backend.url, progress.num_tokens)
         self._forwarder.metrics.resumed.inc()
         tried[backend.url] = "broke off the stream"
@@ -240,8 +241,11 @@ class _RelayedStream(StreamingResponse):
     async def _release(self) -> None:
         if not self._closed:
             self._closed = True
-            self._backend.release()  # first: a cancelled aclose() must not leak the count
-            await self._upstream.aclose()
+            self._backend.release()
+            if self._upstream.content.at_eof():
+                self._upstream.release()  # the connection goes back to the pool
+            else:
+                self._upstream.close()  # dropped midway: the backend aborts the request
 
 
 def sse_error_event(message: str) -> bytes:
@@ -260,7 +264,7 @@ class _Forwarder:
         backend, upstream = await self.open_routed(routed, {})
         return await self._relay(backend, upstream, routed)
 
-    async def open_routed(self, routed: _Routed, failures: dict[str, str]) -> tuple[Backend, httpx.Response]:
+    async def open_routed(self, routed: _Routed, failures: dict[str, str]) -> tuple[Backend, aiohttp.ClientResponse]:
         """The answer's head from a backend the policy picks among those not in ``failures`` (which it extends)."""
         route = route_request_of(routed.kind, routed.parsed, routed.raw.headers)
         for attempt in range(len(self.pool.backends)):
@@ -277,7 +281,7 @@ class _Forwarder:
             except _NotStarted as failure:
                 failures[backend.url] = str(failure)
                 continue
-            if upstream.status_code < 400:
+            if upstream.status < 400:
                 self.policy.on_routed(route, backend.url)
             return backend, upstream
         raise self._no_backend(failures)
@@ -296,47 +300,47 @@ class _Forwarder:
             return await self._relay(backend, upstream, _Routed(raw, path, "", None, b""))
         raise self._no_backend(failures)
 
-    async def _open(self, backend: Backend, raw: Request, path: str, body: bytes) -> httpx.Response:
+    async def _open(self, backend: Backend, raw: Request, path: str, body: bytes) -> aiohttp.ClientResponse:
         """The backend's response with its headers read and its body not yet; _NotStarted if none came."""
         headers = {k: v for k, v in raw.headers.items() if k not in _DROP_REQUEST_HEADERS} | _UPSTREAM_ENCODING
         url = backend.url + path + (f"?{raw.url.query}" if raw.url.query else "")
-        request = self.pool.client.build_request(raw.method, url, headers=headers, content=body)
         backend.acquire(self.pool.now_s())
         try:
-            upstream = await self.pool.client.send(request, stream=True)
-        except _NOT_STARTED_ERRORS as error:
+            upstream = await self.pool.client.request(raw.method, url, headers=headers, data=body or None)
+        except aiohttp.ClientError as error:
+            if isinstance(error, aiohttp.SocketTimeoutError):  # connected, then no answer in time
+                backend.release()
+                backend.abandon_trial()
+                self.metrics.requests.labels(backend.url, "timeout").inc()
+                raise OpenAIError(f"the backend {backend.url} did not answer in time ({error!r})", 504,
+                                  type="server_error", code="backend_timeout") from error
+            # refused, reset, closed or garbled before an answer's head: the backend never started it
             backend.release()
             backend.on_connect_failure(self.pool.now_s())
             self.metrics.requests.labels(backend.url, "connect_error").inc()
             logger.warning("backend %s could not be reached (%r); the request goes elsewhere", backend.url, error)
             raise _NotStarted(f"could not be reached ({type(error).__name__}: {error})") from error
-        except httpx.TimeoutException as error:
-            backend.release()
-            backend.abandon_trial()
-            self.metrics.requests.labels(backend.url, "timeout").inc()
-            raise OpenAIError(f"the backend {backend.url} did not answer in time ({error!r})", 504,
-                              type="server_error", code="backend_timeout") from error
         except BaseException:  # the client left, or a bug: the count must not leak either way
             backend.release()
             backend.abandon_trial()
             raise
         backend.on_answered()
-        self.metrics.requests.labels(backend.url, str(upstream.status_code)).inc()
+        self.metrics.requests.labels(backend.url, str(upstream.status)).inc()
         return upstream
 
-    async def _relay(self, backend: Backend, upstream: httpx.Response, routed: _Routed) -> Response:
-        headers = {k: v for k, v in upstream.headers.items() if k not in _DROP_RESPONSE_HEADERS}
+    async def _relay(self, backend: Backend, upstream: aiohttp.ClientResponse, routed: _Routed) -> Response:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             return _RelayedStream(self, routed, upstream, backend, headers)
         try:
-            content = await upstream.aread()
-        except httpx.TransportError as error:
+            content = await upstream.read()
+        except _BROKEN_OFF_ERRORS as error:
             raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
                               type="server_error", code="backend_error") from error
         finally:
             backend.release()
-            await upstream.aclose()
-        return Response(content, status_code=upstream.status_code, headers=headers)
+            upstream.release()
+        return Response(content, status_code=upstream.status, headers=headers)
 
     def _no_backend(self, failures: Mapping[str, str]) -> OpenAIError:
         now_s = self.pool.now_s()
