@@ -41,6 +41,9 @@ def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="TCP port to listen on. (default: %(default)s)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=ServerConfig.log_level,
                         help="Log level. (default: %(default)s)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="Log a line per request (off by default: at hundreds of requests a second the "
+                             "log lines cost more of the router's time than routing).")
     add_config_flags(parser, BackendConfig, group_title="backends")
     parser.set_defaults(func=run_router)
     return parser
@@ -73,6 +76,7 @@ def run_router(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_router_app(pool, make_policy(args.routing))
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                                    access_log=args.access_log,
                                     timeout_graceful_shutdown=int(ServerConfig.shutdown_timeout_s))
     server = GracefulServer(uvicorn_config)
     server.run()

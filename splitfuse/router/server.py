@@ -23,12 +23,12 @@ from typing import Any, Optional
 
 import aiohttp
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, install_error_handlers
+from splitfuse.entrypoints.openai.errors import OpenAIError, error_body, install_error_handlers, json_error
 from splitfuse.entrypoints.openai.json_body import parse_json_body
 from splitfuse.metrics.prometheus import CONTENT_TYPE
 from splitfuse.router.backends import Backend, BackendPool
@@ -48,6 +48,8 @@ _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive"
                                     "server"})
 # Asking backends for uncompressed bodies lets the router relay bytes without decoding or re-negotiating them.
 _UPSTREAM_ENCODING = {"accept-encoding": "identity"}
+_GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+MAX_BODY_BYTES = 32 << 20  # a request body the router reads whole before routing it
 # What breaks off a response midway: the connection (reset, closed, a bad frame) or a wait for bytes too long.
 _BROKEN_OFF_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -153,30 +155,59 @@ class _NotStarted(Exception):
 
 @dataclass(frozen=True)
 class _Routed:
-    """One request as the router forwards it: where it came from, what it asks, where it may go on."""
+    """One request as the router forwards it: what it asks, where it came from, where it may go on."""
 
-    raw: Request
+    method: str
     path: str
+    query: str  # the URL's query string, "" for none
+    headers: Mapping[str, str]  # the client's, names lower-case
     kind: str  # "completions", "chat", or "" for a request that is not generation
     parsed: Any  # the body as JSON
     body: bytes  # the body as it came
 
 
-class _RelayedStream(StreamingResponse):
-    """An upstream SSE stream relayed event by event; whatever ends it (its end, the client gone) closes the upstream.
+async def _wait_for_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-    Closing the upstream mid-stream drops that connection, which the backend takes as the client gone (it aborts).
-    When the upstream breaks off, the stream goes on on another backend (resume.py) or ends with an error event.
+
+class _StreamRelay:
+    """An upstream SSE stream relayed event by event, on plain ASGI; whatever ends it closes the upstream.
+
+    The client leaving (seen by a watcher on ``receive``) closes the upstream connection, which the
+    backend takes as its client gone (it aborts). When the upstream breaks off, the stream goes on on
+    another backend (resume.py) or ends with an error event.
     """
 
-    def __init__(self, forwarder: _Forwarder, routed: _Routed, upstream: aiohttp.ClientResponse, backend: Backend,
-                 headers: dict[str, str]) -> None:
-        super().__init__(self._chunks(), status_code=upstream.status, headers=headers)
+    def __init__(self, forwarder: _Forwarder, routed: _Routed, upstream: aiohttp.ClientResponse,
+                 backend: Backend) -> None:
         self._forwarder = forwarder
         self._routed = routed
         self._upstream = upstream
         self._backend = backend
         self._closed = False
+        self._client_gone = False
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        watcher = asyncio.create_task(_wait_for_disconnect(receive))
+        watcher.add_done_callback(self._on_disconnect)
+        try:
+            await send({"type": "http.response.start", "status": self._upstream.status,
+                        "headers": _response_headers(self._upstream)})
+            async for out in self._chunks():
+                if self._client_gone:
+                    break
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.remove_done_callback(self._on_disconnect)
+            watcher.cancel()
+            self._release()
+
+    def _on_disconnect(self, watcher: asyncio.Task) -> None:
+        if not watcher.cancelled():
+            self._client_gone = True
+            self._release()  # the relay's wait on the upstream ends, and the backend sees its client gone
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         log = StreamLog()
@@ -190,6 +221,8 @@ class _RelayedStream(StreamingResponse):
                     yield out
                 return
             except _BROKEN_OFF_ERRORS as error:  # the status line went out long ago: go on elsewhere, or say it
+                if self._client_gone:
+                    return
                 log.drop_pending()
                 logger.warning("backend %s broke off a stream: %r", self._backend.url, error)
                 failure = f"the backend {self._backend.url} broke off the stream: {error!r}"
@@ -216,15 +249,19 @@ class _RelayedStream(StreamingResponse):
         if body is None:
             return finish_events(kind, progress)
         routed = dataclasses.replace(self._routed, parsed=body, body=json.dumps(body).encode())
-        await self._release()
+        self._release()
         backend, upstream = await self._forwarder.open_routed(routed, tried)
-        if upstream.status >= 400 or not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        if upstream.status >= 400 or not _is_event_stream(upstream):
             try:
                 detail = (await upstream.read()).decode("utf-8", "replace")[:500]
             finally:
                 backend.release()
                 upstream.close()
             raise OpenAIError(f"{backend.url} answered the continuation with {upstream.status}: {detail}")
+        if self._client_gone:  # it left while the continuation was opened
+            backend.release()
+            upstream.close()
+            return b""
         logger.warning("the stream goes on on %s after %d tokens", backend.url, progress.num_tokens)
         self._forwarder.metrics.resumed.inc()
         tried[backend.url] = "broke off the stream"
@@ -232,13 +269,7 @@ class _RelayedStream(StreamingResponse):
         log.rewrite = continuation_rewriter(kind, progress)
         return None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._release()
-
-    async def _release(self) -> None:
+    def _release(self) -> None:
         if not self._closed:
             self._closed = True
             self._backend.release()
@@ -252,6 +283,15 @@ def sse_error_event(message: str) -> bytes:
     return f"data: {json.dumps(error_body(message, 502, type='server_error', code='backend_error'))}\n\n".encode()
 
 
+def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in upstream.headers.items()
+            if name.lower() not in _DROP_RESPONSE_HEADERS]
+
+
 class _Forwarder:
     """Sends a request to a backend the policy picks, retries it while it is unstarted, relays the answer."""
 
@@ -260,13 +300,9 @@ class _Forwarder:
         self.policy = policy
         self.metrics = metrics
 
-    async def route(self, routed: _Routed) -> Response:
-        backend, upstream = await self.open_routed(routed, {})
-        return await self._relay(backend, upstream, routed)
-
     async def open_routed(self, routed: _Routed, failures: dict[str, str]) -> tuple[Backend, aiohttp.ClientResponse]:
         """The answer's head from a backend the policy picks among those not in ``failures`` (which it extends)."""
-        route = route_request_of(routed.kind, routed.parsed, routed.raw.headers)
+        route = route_request_of(routed.kind, routed.parsed, routed.headers)
         for attempt in range(len(self.pool.backends)):
             loads = self.pool.loads(exclude=failures)
             if not any(load.healthy for load in loads):
@@ -277,7 +313,7 @@ class _Forwarder:
                 self.metrics.retries.inc()
             backend = self.pool.get(decision.replica_id)
             try:
-                upstream = await self._open(backend, routed.raw, routed.path, routed.body)
+                upstream = await self._open(backend, routed)
             except _NotStarted as failure:
                 failures[backend.url] = str(failure)
                 continue
@@ -286,27 +322,25 @@ class _Forwarder:
             return backend, upstream
         raise self._no_backend(failures)
 
-    async def first_routable(self, raw: Request, path: str) -> Response:
-        """A GET answered by the first routable backend (in ``--backend`` order) that can be reached."""
+    async def first_routable(self, routed: _Routed) -> tuple[Backend, aiohttp.ClientResponse]:
+        """A GET's answer's head from the first routable backend (in ``--backend`` order) that can be reached."""
         failures: dict[str, str] = {}
         for backend in self.pool.backends:
             if not backend.routable(self.pool.now_s()):
                 continue
             try:
-                upstream = await self._open(backend, raw, path, b"")
+                return backend, await self._open(backend, routed)
             except _NotStarted as failure:
                 failures[backend.url] = str(failure)
-                continue
-            return await self._relay(backend, upstream, _Routed(raw, path, "", None, b""))
         raise self._no_backend(failures)
 
-    async def _open(self, backend: Backend, raw: Request, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def _open(self, backend: Backend, routed: _Routed) -> aiohttp.ClientResponse:
         """The backend's response with its headers read and its body not yet; _NotStarted if none came."""
-        headers = {k: v for k, v in raw.headers.items() if k not in _DROP_REQUEST_HEADERS} | _UPSTREAM_ENCODING
-        url = backend.url + path + (f"?{raw.url.query}" if raw.url.query else "")
+        headers = {k: v for k, v in routed.headers.items() if k not in _DROP_REQUEST_HEADERS} | _UPSTREAM_ENCODING
+        url = backend.url + routed.path + (f"?{routed.query}" if routed.query else "")
         backend.acquire(self.pool.now_s())
         try:
-            upstream = await self.pool.client.request(raw.method, url, headers=headers, data=body or None)
+            upstream = await self.pool.client.request(routed.method, url, headers=headers, data=routed.body or None)
         except aiohttp.ClientError as error:
             if isinstance(error, aiohttp.SocketTimeoutError):  # connected, then no answer in time
                 backend.release()
@@ -328,10 +362,12 @@ class _Forwarder:
         self.metrics.requests.labels(backend.url, str(upstream.status)).inc()
         return upstream
 
-    async def _relay(self, backend: Backend, upstream: aiohttp.ClientResponse, routed: _Routed) -> Response:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return _RelayedStream(self, routed, upstream, backend, headers)
+    async def relay(self, backend: Backend, upstream: aiohttp.ClientResponse, routed: _Routed, receive: Any,
+                    send: Any) -> None:
+        """The upstream's answer to the client: an SSE stream event by event, anything else whole."""
+        if _is_event_stream(upstream):
+            await _StreamRelay(self, routed, upstream, backend)(receive, send)
+            return
         try:
             content = await upstream.read()
         except _BROKEN_OFF_ERRORS as error:
@@ -340,7 +376,9 @@ class _Forwarder:
         finally:
             backend.release()
             upstream.release()
-        return Response(content, status_code=upstream.status, headers=headers)
+        headers = _response_headers(upstream) + [(b"content-length", str(len(content)).encode())]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        await send({"type": "http.response.body", "body": content, "more_body": False})
 
     def _no_backend(self, failures: Mapping[str, str]) -> OpenAIError:
         now_s = self.pool.now_s()
@@ -368,51 +406,99 @@ def health_report(pool: BackendPool) -> tuple[dict[str, Any], int]:
     return {"status": "ok" if any_up else "unavailable", "backends": backends}, 200 if any_up else 503
 
 
-async def _json_body(raw: Request) -> tuple[bytes, Any]:
-    body = await raw.body()
-    return body, parse_json_body(body)  # OpenAIError (400) if it is not JSON
+async def _read_body(receive: Any) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            raise OpenAIError(f"the request body is larger than {MAX_BODY_BYTES} bytes", 413,
+                              code="request_too_large")
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def build_router_app(pool: BackendPool, policy: RoutingPolicy) -> FastAPI:
-    """The router app; its lifespan starts the pool (first health round, then the loop) and closes it."""
-    metrics = RouterMetrics(pool)
-    forwarder = _Forwarder(pool, policy, metrics)
+class _ClientGone(Exception):
+    """The client left before its request was read."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await pool.start(on_down=policy.forget_replica)
+
+def _routed_of(scope: dict, kind: str) -> _Routed:
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    return _Routed(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), headers,
+                   kind, None, b"")
+
+
+class RouterApp:
+    """The router's ASGI app: generation requests are handled on plain ASGI (the hot path: no framework
+    layers between the client's socket and the backend's); the rest (models, health, metrics, and the
+    lifespan that starts the pool) by a FastAPI app."""
+
+    def __init__(self, pool: BackendPool, policy: RoutingPolicy) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.metrics = RouterMetrics(pool)
+        self.forwarder = _Forwarder(pool, policy, self.metrics)
+        self.app = self._other_routes()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        kind = _GENERATION_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        routed = _routed_of(scope, kind)
         try:
-            yield
-        finally:
-            await pool.aclose()
+            body = await _read_body(receive)
+            routed = dataclasses.replace(routed, parsed=parse_json_body(body), body=body)  # 400 if not JSON
+            backend, upstream = await self.forwarder.open_routed(routed, {})
+            await self.forwarder.relay(backend, upstream, routed, receive, send)
+        except OpenAIError as error:
+            await json_error(error)(scope, receive, send)
+        except _ClientGone:
+            pass
 
-    app = FastAPI(title="splitfuse router", lifespan=lifespan)
-    app.state.pool = pool
-    app.state.policy = policy
-    app.state.metrics = metrics
-    install_error_handlers(app)
+    def _other_routes(self) -> FastAPI:
+        pool, policy, metrics, forwarder = self.pool, self.policy, self.metrics, self.forwarder
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request) -> Response:
-        body, parsed = await _json_body(raw)
-        return await forwarder.route(_Routed(raw, "/v1/completions", "completions", parsed, body))
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            await pool.start(on_down=policy.forget_replica)
+            try:
+                yield
+            finally:
+                await pool.aclose()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(raw: Request) -> Response:
-        body, parsed = await _json_body(raw)
-        return await forwarder.route(_Routed(raw, "/v1/chat/completions", "chat", parsed, body))
+        app = FastAPI(title="splitfuse router", lifespan=lifespan)
+        install_error_handlers(app)
 
-    @app.get("/v1/models")
-    async def models(raw: Request) -> Response:
-        return await forwarder.first_routable(raw, "/v1/models")
+        @app.get("/v1/models")
+        async def models(raw: Request) -> Response:
+            backend, upstream = await forwarder.first_routable(_routed_of(raw.scope, ""))
+            try:
+                content = await upstream.read()
+            except _BROKEN_OFF_ERRORS as error:
+                raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
+                                  type="server_error", code="backend_error") from error
+            finally:
+                backend.release()
+                upstream.release()
+            return Response(content, status_code=upstream.status,
+                            headers={k.decode(): v.decode("latin-1") for k, v in _response_headers(upstream)})
 
-    @app.get("/health")
-    async def health() -> Response:
-        body, status = health_report(pool)
-        return JSONResponse(body, status_code=status)
+        @app.get("/health")
+        async def health() -> Response:
+            body, status = health_report(pool)
+            return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    return app
+        return app
+
+
+def build_router_app(pool: BackendPool, policy: RoutingPolicy) -> RouterApp:
+    """The router app; its lifespan starts the pool (first health round, then the loop) and closes it."""
+    return RouterApp(pool, policy)
