@@ -86,3 +86,19 @@ class ServeProcess:
         values = parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
         name = "splitfuse:request_success_total" + (f"{{finished_reason={finished_reason}}}" if finished_reason else "")
         return sum(v for k, v in values.items() if k.startswith(name))
+
+
+@contextlib.contextmanager
+def serve_pair(checkpoint: str, model_name: str) -> Iterator[list[ServeProcess]]:
+    """Two `ServeProcess`es of one checkpoint, started together (both load at once), stopped at the end."""
+    processes = [ServeProcess(checkpoint, model_name), ServeProcess(checkpoint, model_name)]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.wait_healthy()
+        yield processes
+    finally:
+        for process in processes:
+            if process.process is not None:
+                process.stop()

@@ -292,6 +292,18 @@ def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, byt
             if name.lower() not in _DROP_RESPONSE_HEADERS]
 
 
+async def read_whole(backend: Backend, upstream: aiohttp.ClientResponse) -> bytes:
+    """An answer that is not a stream, read whole; the backend's count and the connection are released."""
+    try:
+        return await upstream.read()
+    except _BROKEN_OFF_ERRORS as error:
+        raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
+                          type="server_error", code="backend_error") from error
+    finally:
+        backend.release()
+        upstream.release()
+
+
 class _Forwarder:
     """Sends a request to a backend the policy picks, retries it while it is unstarted, relays the answer."""
 
@@ -368,14 +380,7 @@ class _Forwarder:
         if _is_event_stream(upstream):
             await _StreamRelay(self, routed, upstream, backend)(receive, send)
             return
-        try:
-            content = await upstream.read()
-        except _BROKEN_OFF_ERRORS as error:
-            raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
-                              type="server_error", code="backend_error") from error
-        finally:
-            backend.release()
-            upstream.release()
+        content = await read_whole(backend, upstream)
         headers = _response_headers(upstream) + [(b"content-length", str(len(content)).encode())]
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
@@ -476,14 +481,7 @@ class RouterApp:
         @app.get("/v1/models")
         async def models(raw: Request) -> Response:
             backend, upstream = await forwarder.first_routable(_routed_of(raw.scope, ""))
-            try:
-                content = await upstream.read()
-            except _BROKEN_OFF_ERRORS as error:
-                raise OpenAIError(f"the backend {backend.url} broke off its response: {error!r}", 502,
-                                  type="server_error", code="backend_error") from error
-            finally:
-                backend.release()
-                upstream.release()
+            content = await read_whole(backend, upstream)
             return Response(content, status_code=upstream.status,
                             headers={k.decode(): v.decode("latin-1") for k, v in _response_headers(upstream)})
 

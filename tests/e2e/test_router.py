@@ -28,7 +28,7 @@ from splitfuse.router.backends import Backend, BackendConfig, BackendPool, parse
 from splitfuse.router.policies import make_policy, rendezvous_weight
 from splitfuse.router.server import build_router_app, render_history, route_request_of
 from splitfuse.router.types import RouteRequest
-from server_process import ServeProcess, free_port, wait_for_health
+from server_process import ServeProcess, free_port, serve_pair, wait_for_health
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,17 +41,8 @@ FAST_HEALTH = BackendConfig(health_interval_s=0.2, fail_after=2, recover_after=2
 
 @pytest.fixture(scope="module")
 def backends(llama_ckpt) -> Iterator[list[ServeProcess]]:
-    processes = [ServeProcess(llama_ckpt, MODEL), ServeProcess(llama_ckpt, MODEL)]
-    try:
-        for process in processes:  # both load the model at once
-            process.start()
-        for process in processes:
-            process.wait_healthy()
+    with serve_pair(llama_ckpt, MODEL) as processes:
         yield processes
-    finally:
-        for process in processes:
-            if process.process is not None:
-                process.stop()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from splitfuse.metrics.prometheus import parse_metrics
 from splitfuse.router.backends import BackendConfig, BackendPool
 from splitfuse.router.policies import make_policy
 from splitfuse.router.server import build_router_app
-from server_process import ServeProcess
+from server_process import ServeProcess, serve_pair
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,17 +37,8 @@ SLOW_HEALTH = BackendConfig(health_interval_s=30.0)
 
 @pytest.fixture(scope="module")
 def backends(smollm2_fp32_dir) -> Iterator[list[ServeProcess]]:
-    processes = [ServeProcess(smollm2_fp32_dir, MODEL), ServeProcess(smollm2_fp32_dir, MODEL)]
-    try:
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.wait_healthy()
+    with serve_pair(smollm2_fp32_dir, MODEL) as processes:
         yield processes
-    finally:
-        for process in processes:
-            if process.process is not None:
-                process.stop()
 
 
 @pytest.fixture
