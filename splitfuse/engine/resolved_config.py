@@ -14,6 +14,7 @@ from splitfuse.attention.backend import kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig
 from splitfuse.models.config import ArchConfig
 from splitfuse.models.sources import resolve_model
+from splitfuse.platforms.cpu.linear import packing_supported
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,14 @@ class ResolvedConfig:
 
 
 def resolve_config(config: EngineConfig) -> ResolvedConfig:
-    model_path = resolve_model(config.model.model, config.model.dtype).path
+    device = _resolve_device(config.model.device)
+    dtype_name = config.model.dtype
+    if dtype_name == "auto" and device.type == "cpu":
+        dtype_name = cpu_auto_dtype()
+    model_path = resolve_model(config.model.model, dtype_name).path
     arch = ArchConfig.from_dir(model_path)
     tokenizer = load_tokenizer(config.model.tokenizer or model_path)
-    dtype = _resolve_dtype(config.model.dtype, arch)
-    device = _resolve_device(config.model.device)
+    dtype = _resolve_dtype(dtype_name, arch)
     max_model_len = arch.max_position_embeddings
     if config.model.max_model_len is not None:
         if config.model.max_model_len > arch.max_position_embeddings:
@@ -57,9 +61,17 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {error}") from error
 
 
+def cpu_auto_dtype() -> str:
+    """What dtype "auto" means on this CPU: bfloat16 where oneDNN runs bf16 matmuls natively (AVX-512 /
+    AMX: packed bf16 weights), else float32 — on AVX2-only CPUs torch's bf16 matmul is emulated, ~30x
+    slower than fp32 (docs/benchmarks.md, "dtype auto")."""
+    return "bfloat16" if packing_supported(torch.device("cpu"), torch.bfloat16) else "float32"
+
+
 def _resolve_dtype(name: str, arch: ArchConfig) -> torch.dtype:
+    """``name`` is concrete, or "auto" off the CPU: the checkpoint's half dtype, else bfloat16."""
     if name == "auto":
-        name = arch.checkpoint_dtype if arch.checkpoint_dtype in _DTYPES else "bfloat16"
+        name = arch.checkpoint_dtype if arch.checkpoint_dtype in ("bfloat16", "float16") else "bfloat16"
     return _DTYPES[name]
 
 

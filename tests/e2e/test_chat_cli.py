@@ -176,7 +176,7 @@ def test_a_stopped_answer_frees_its_kv_blocks_and_leaves_the_history_as_it_was(l
     assert session.messages == [user("Hello there"), assistant(first)]
 
 
-def test_one_question_on_the_default_model(smollm2_bf16_dir):
+def test_one_question_on_the_default_model(smollm2_default_dir):
     # No --model: the default model (SmolLM2-135M-Instruct), converted once by the fixture.
     result = subprocess.run([sys.executable, "-m", "splitfuse", "chat", "What is the capital of France?",
                              "--temperature", "0", "--max-tokens", "32"],

@@ -53,7 +53,7 @@ class Case:
     def engine(self, **kwargs) -> LLM:
         key = tuple(sorted(kwargs.items()))
         if key not in self.engines:
-            self.engines[key] = LLM(model=self.model, **kwargs)
+            self.engines[key] = LLM(model=self.model, dtype="bfloat16", **kwargs)
         return self.engines[key]
 
     def assert_batch_matches(self, outputs: list[list[int]], indices: list[int], alone: dict[int, list[int]]
@@ -111,7 +111,7 @@ def test_portable_path_without_amx_is_batch_invariant_too(case, monkeypatch):
     # SPLITFUSE_DISABLE_AMX is read when the platform is resolved (once an engine): linear layers go to
     # oneDNN in ROW_TILE calls, no fused decoder.
     monkeypatch.setenv("SPLITFUSE_DISABLE_AMX", "1")
-    llm = LLM(model=case.model, max_num_batched_tokens=64, enable_prefix_caching=False)
+    llm = LLM(model=case.model, dtype="bfloat16", max_num_batched_tokens=64, enable_prefix_caching=False)
     runner = llm.engine.engine_core.executor.runner
     assert not runner.platform.uses_amx and runner.model.cpu_decoder is None
     indices = list(range(24))

@@ -13,10 +13,10 @@ import torch
 import transformers
 
 from splitfuse import LLM, SamplingParams
-from splitfuse.engine.resolved_config import load_tokenizer
+from splitfuse.engine.resolved_config import cpu_auto_dtype, load_tokenizer
 from server_process import serve_process
 
-# Each question's greedy answer (bf16, the default dtype) must contain the fact.
+# Each question's greedy answer (dtype auto, the default: bf16 or fp32 by CPU) must contain the fact.
 FACTS = [
     ("What is the capital of France?", "Paris"),
     ("What is the capital of Japan?", "Tokyo"),
@@ -39,7 +39,7 @@ def _chat(question: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
-    return LLM()  # no model named: SmolLM2, bf16
+    return LLM()  # no model named: SmolLM2, dtype auto
 
 
 def test_default_model_answers_facts(default_llm):
@@ -55,7 +55,7 @@ def test_default_model_is_smollm2_from_its_gguf_file(default_llm):
     arch = default_llm.engine.resolved.arch
     assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
             arch.vocab_size, arch.tie_word_embeddings, arch.rope_theta) == (30, 576, 9, 3, 64, 49152, True, 1e5)
-    assert default_llm.engine.resolved.dtype == torch.bfloat16
+    assert default_llm.engine.resolved.dtype == getattr(torch, cpu_auto_dtype())
     assert default_llm.engine.resolved.eos_token_ids == frozenset({2})  # <|im_end|>
 
 
@@ -100,7 +100,7 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_tokenizer(smollm2_g
     assert (ours.bos_token, ours.eos_token) == ("<|im_start|>", "<|im_end|>")
 
 
-def test_openai_client_chats_with_splitfuse_serve_and_no_model_flag():
+def test_openai_client_chats_with_splitfuse_serve_and_no_model_flag(smollm2_default_dir):  # converted here, once
     import openai
 
     with serve_process("--log-level", "warning", timeout_s=300) as url:
