@@ -3,7 +3,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -11,7 +11,7 @@ def __getattr__(name: str) -> Any:
     if name == "LLM":
         from splitfuse.entrypoints.llm import LLM
         return LLM
-    if name == "SamplingParams":
-        from splitfuse.sampling_params import SamplingParams
-        return SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from splitfuse import sampling_params
+        return getattr(sampling_params, name)
     raise AttributeError(f"module 'splitfuse' has no attribute {name!r}")

@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 _MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """The one constraint a request's output must obey (vLLM's ``structured_outputs``), exactly one of:
+
+    ``json``: a JSON schema (a dict or its text); ``json_object``: any JSON object; ``regex``: the whole
+    output matches it; ``choice``: the output is one of these strings; ``grammar``: a Lark or GBNF
+    (llama.cpp) grammar. Whether a schema or grammar is valid is checked where it is compiled
+    (``splitfuse/sample/grammar.py``); here only the shape.
+    """
+
+    json: Union[str, dict[str, Any], None] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured output takes exactly one of json, regex, choice, grammar or json_object; "
+                             f"got {', '.join(given) or 'none'}")
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json)  # the compile cache's key (key order kept: it is the output's order)
+        if self.json is not None and not isinstance(self.json, str):
+            raise ValueError(f"a JSON schema must be an object, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured output {name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured output choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what is compiled, and what the compiled grammar is cached by."""
+        if self.json_object:
+            return ("json_object", "")
+        if self.choice is not None:
+            return ("choice", json.dumps(self.choice))
+        kind = next(name for name in ("json", "regex", "grammar") if getattr(self, name) is not None)
+        return (kind, getattr(self, kind))
 
 
 @dataclass
@@ -37,6 +84,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +97,8 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     @property

@@ -70,6 +70,10 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     finished_request_ids: list[str] = msgspec.field(default_factory=list)  # since the last step: forget them
     preempted_request_ids: list[str] = msgspec.field(default_factory=list)  # blocks freed; they come back new
     kv_operations: list[KVOperation] = msgspec.field(default_factory=list)
+    # Structured output: the sampling requests under a grammar, and their next-token masks, one int32 row of
+    # ceil(vocab / 32) words each (token t allowed iff bit t % 32 of word t // 32 is set), rows in this order.
+    grammar_request_ids: list[str] = msgspec.field(default_factory=list)
+    grammar_bitmask: bytes = b""
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """EngineCore: the scheduler and an executor behind one plain-data contract (``engine/protocol.py``).
 
-The core knows token ids, blocks and time, nothing else: no tokenizer, no text, no global
-state. It is built from parts — ``EngineCore(scheduler, executor, clock)`` — so the same loop
+The core knows token ids, blocks and time, nothing else: no text, no global state. (The one part
+that reads a token's bytes is structured output's grammar compiler, ``sample/grammar.py``: a mask
+of allowed tokens is made from them.) It is built from parts — ``EngineCore(scheduler, executor, clock)`` — so the same loop
 runs the real model (``EngineCore.from_config``), a fake executor on a virtual clock (tests,
 the simulator), in this thread or in another process (``engine/core_client.py``).
 
@@ -48,13 +49,15 @@ class EngineCore:
     def from_config(cls, config: EngineConfig, resolved: Optional[ResolvedConfig] = None) -> "EngineCore":
         """The real engine: the checkpoint's model in a ModelRunner, on the wall clock."""
         from splitfuse.engine.resolved_config import resolve_config
+        from splitfuse.sample.grammar import GrammarCompiler
         from splitfuse.worker.executor import UniProcExecutor
         from splitfuse.worker.model_runner import ModelRunner
 
         setup = resolved or resolve_config(config)
         kv_cache = KVCacheManager(setup.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        grammar_compiler = GrammarCompiler(setup.tokenizer, setup.arch.vocab_size, sorted(setup.eos_token_ids))
         scheduler = Scheduler(config.scheduler, kv_cache, eos_token_ids=setup.eos_token_ids,
-                              max_model_len=setup.max_model_len)
+                              max_model_len=setup.max_model_len, grammar_compiler=grammar_compiler)
         runner = ModelRunner(setup.model_path, setup.arch, dtype=setup.dtype, device=setup.device,
                              num_blocks=setup.num_blocks, block_size=config.cache.block_size,
                              eos_token_ids=setup.eos_token_ids, seed=config.model.seed,
@@ -127,14 +130,15 @@ class EngineCore:
             if (scheduler_output.finished_request_ids or scheduler_output.preempted_request_ids
                     or scheduler_output.kv_operations):
                 self.executor.execute_model(scheduler_output)
-            return EngineCoreOutputs(timestamp=self.clock.now(), kv_events=self.scheduler.kv_cache.take_events(),
-                                     scheduler_stats=self.stats())
+            return EngineCoreOutputs(self.scheduler.take_grammar_failures(), self.clock.now(),
+                                     self.scheduler.kv_cache.take_events(), self.stats())
         started = self.clock.now()
         runner_output = self.executor.execute_model(scheduler_output)
         now = self.clock.now()
         self.num_steps += 1
         self.computed_tokens_total += scheduler_output.total_num_scheduled_tokens
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output, started)
+        outputs = self.scheduler.take_grammar_failures()
+        outputs += self.scheduler.update_from_output(scheduler_output, runner_output, started)
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         return EngineCoreOutputs(outputs, now, self.scheduler.kv_cache.take_events(), self.stats())
 
@@ -163,3 +167,5 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.scheduler.grammar_compiler is not None:
+            self.scheduler.grammar_compiler.shutdown()

@@ -66,6 +66,10 @@ class InputProcessor:
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet")
         params.validate_for_vocab(self.vocab_size)
+        if params.structured_outputs is not None:
+            from splitfuse.sample.grammar import check
+
+            check(params.structured_outputs)  # a bad schema or grammar fails here, before anything is queued
         prompt_token_ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params)
         arrival_time = self.clock.now() if arrival_time is None else arrival_time

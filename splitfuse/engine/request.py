@@ -65,6 +65,9 @@ class Request:
         self.num_tokens_in_runner: Optional[int] = None
         self.num_blocks_in_runner = 0
         self.known_to_runner = False  # the runner keeps state for it (a preempted one's generator too)
+        # Structured output: the compile in flight, then the request's own grammar matcher (sample/grammar.py).
+        self.grammar_future = None
+        self.matcher = None
 
     @property
     def num_tokens(self) -> int:

@@ -15,7 +15,11 @@ returns what is new per request.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Optional
+import concurrent.futures
+import logging
+from typing import TYPE_CHECKING, Iterable, Optional
+
+import numpy as np
 
 from splitfuse.config import SchedulerConfig
 from splitfuse.engine.kv_cache import KVCacheManager
@@ -24,12 +28,22 @@ from splitfuse.engine.protocol import EngineCoreOutput
 from splitfuse.engine.request import Request, RequestStatus
 from splitfuse.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
+if TYPE_CHECKING:
+    from splitfuse.sample.grammar import GrammarCompiler
+
+logger = logging.getLogger(__name__)
+
+# With nothing to run but grammars compiling, schedule() waits this long for one (no busy loop of empty steps).
+_GRAMMAR_WAIT_S = 0.005
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, *,
                  eos_token_ids: frozenset[int] = frozenset(), max_model_len: Optional[int] = None,
-                 policy: Optional[SchedulingPolicy] = None) -> None:
+                 policy: Optional[SchedulingPolicy] = None,
+                 grammar_compiler: Optional[GrammarCompiler] = None) -> None:
         self.config = config
+        self.grammar_compiler = grammar_compiler
         self.kv_cache = kv_cache
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -39,12 +53,18 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by the policy's sort_key
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # finished since the last schedule: the runner forgets them
+        self._grammar_failures: list[str] = []  # aborted since the last update: their grammar did not compile
 
     # -- queue management ---------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        spec = request.params.structured_outputs
+        if spec is not None:
+            if self.grammar_compiler is None:
+                raise ValueError("structured output needs an engine with a tokenizer (this one has none)")
+            request.grammar_future = self.grammar_compiler.submit(spec)  # compiles off this thread
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self._enqueue_waiting(request)
@@ -86,7 +106,53 @@ class Scheduler:
         budget = self._schedule_running(output, budget)
         if not output.preempted_request_ids:
             self._schedule_waiting(output, budget)
+        if output.is_empty and not self.running:
+            self._wait_for_a_grammar()
+        self._add_grammar_bitmask(output)
         return output
+
+    def _grammar_pending(self, request: Request) -> bool:
+        """Whether the request still waits for its grammar; a grammar that failed to compile ends it."""
+        future = request.grammar_future
+        if future is None:
+            return False
+        if not future.done():
+            return True
+        request.grammar_future = None
+        try:
+            request.matcher = future.result()
+        except Exception as error:  # the frontend checked the constraint, so this is rare: end, do not crash
+            logger.error("request %s: its grammar failed to compile: %s", request.request_id, error)
+            self.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+            self._grammar_failures.append(request.request_id)
+        return False
+
+    def take_grammar_failures(self) -> list[EngineCoreOutput]:
+        """The requests ended since the last call because their grammar did not compile, as outputs."""
+        failures, self._grammar_failures = self._grammar_failures, []
+        return [EngineCoreOutput(request_id, [], finish_reason=RequestStatus.FINISHED_ABORTED.value)
+                for request_id in failures]
+
+    def _wait_for_a_grammar(self) -> None:
+        pending = [r.grammar_future for r in self.waiting if r.grammar_future is not None]
+        if pending:
+            concurrent.futures.wait(pending, timeout=_GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _add_grammar_bitmask(self, output: SchedulerOutput) -> None:
+        """Next-token masks of the requests that sample this step under a grammar (computed here, on the
+        core's thread, from each matcher's state after the tokens accepted so far)."""
+        if self.grammar_compiler is None:
+            return
+        constrained = [self.requests[request_id] for request_id in output.sampling_request_ids
+                       if self.requests[request_id].matcher is not None]
+        if not constrained:
+            return
+        from splitfuse.sample.grammar import bitmask_words
+
+        bitmask = np.empty((len(constrained), bitmask_words(self.grammar_compiler.vocab_size)), dtype=np.int32)
+        self.grammar_compiler.fill_bitmask([r.matcher for r in constrained], bitmask)
+        output.grammar_request_ids = [r.request_id for r in constrained]
+        output.grammar_bitmask = bitmask.tobytes()
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
@@ -134,6 +200,11 @@ class Scheduler:
             if self._leader_pending(request):
                 index += 1  # a sibling waits for its leader's prompt; others may go ahead
                 continue
+            if self._grammar_pending(request):
+                index += 1  # its grammar compiles; others may go ahead
+                continue
+            if request.is_finished:
+                continue  # its grammar failed: it left the queue
             computed_blocks = self.kv_cache.get_computed_blocks(request)
             num_cached = len(computed_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached, budget)
@@ -209,6 +280,8 @@ class Scheduler:
             request.append_output_token(token_id)
             accepted += 1
             status = self._stop_status(request, token_id)
+            if request.matcher is not None:
+                status = self._advance_grammar(request, token_id) or status
             if status is not None:
                 break
         first_output = request.num_output_tokens == accepted
@@ -220,6 +293,17 @@ class Scheduler:
             output.finish_reason, output.stop_reason = status.value, request.stop_reason
             self.finish_requests([request.request_id], status)
         return output
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> Optional[RequestStatus]:
+        """Feeds the accepted token to the request's matcher; aborts the request if the token broke it (the
+        mask allows only tokens that keep it, so that is a bug). A complete grammar allows only EOS next:
+        the request then ends as any other, on EOS (the token that ends it is not text)."""
+        if request.matcher.consume_token(token_id):
+            return None
+        logger.error("request %s: token %d does not fit its grammar: %s", request.request_id, token_id,
+                     request.matcher.get_error())
+        return RequestStatus.FINISHED_ABORTED
 
     def _stop_status(self, request: Request, token_id: int) -> Optional[RequestStatus]:
         """Checked after ``token_id`` was appended. EOS and stop tokens count once min_tokens are out."""

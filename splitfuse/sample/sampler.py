@@ -1,6 +1,7 @@
 """Sampler: one step's logits [num_rows, vocab] -> one token (and optional logprobs) per row.
 
-Order of processing, as vLLM does it: logprobs are read from the RAW logits; then
+Order of processing, as vLLM does it: a grammar's mask first (structured output: tokens it does
+not allow get -inf, on every path, so logprobs see it too); logprobs are read from those logits; then
 logit_bias -> min_tokens -> repetition penalty -> frequency/presence penalties ->
 greedy rows take argmax -> temperature -> top-k -> top-p -> min-p -> sample.
 Every stage is a tensor op over all rows that need it and is skipped when none does.
@@ -66,6 +67,27 @@ def token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.de
     row_of_token = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
     keys = row_of_token * vocab_size + flat
     return torch.bincount(keys, minlength=len(token_lists) * vocab_size).view(len(token_lists), vocab_size)
+
+
+@dataclass
+class GrammarMasks:
+    """Structured output's masks for one step: ``disallowed[j]`` (bool, [vocab]) are the tokens row
+    ``rows[j]``'s grammar does not allow now."""
+
+    rows: list[int]
+    disallowed: torch.Tensor
+
+
+def apply_grammar_masks(logits: torch.Tensor, masks: Optional[GrammarMasks]) -> None:
+    """Sets every token a row's grammar does not allow now to -inf, in place."""
+    if masks is None or not masks.rows:
+        return
+    disallowed = masks.disallowed[:, :logits.shape[1]].to(logits.device)
+    if masks.rows == list(range(logits.shape[0])):  # every row constrained: one fill, no gather
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
+    index = torch.tensor(masks.rows, device=logits.device)
+    logits[index] = logits[index].masked_fill_(disallowed, float("-inf"))
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -200,10 +222,12 @@ class Sampler:
         self._argmax = argmax or torch_argmax
         self._batch_generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 grammar_masks: Optional[GrammarMasks] = None) -> SamplerOutput:
         assert logits.shape[0] == len(rows), f"{logits.shape[0]} logit rows for {len(rows)} sampling rows"
         # Logit columns past the model's vocab are padding and never sampled.
         raw = logits[:, :min(self.vocab_size, logits.shape[1])]
+        apply_grammar_masks(raw, grammar_masks)  # in place: the runner's logits are this step's own
         params = [row.params for row in rows]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         sample_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]

@@ -9,6 +9,8 @@ learns accepted tokens from the next step's ``CachedRequestData.new_token_ids``.
 from __future__ import annotations
 
 import logging
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -16,12 +18,24 @@ from splitfuse.models.config import ArchConfig
 from splitfuse.models.loader import load_model
 from splitfuse.platforms import resolve_platform
 from splitfuse.platforms.cpu.linear import padded_rows
-from splitfuse.sample.sampler import Sampler, SamplingRow
+from splitfuse.sample.grammar import disallowed_tokens
+from splitfuse.sample.sampler import GrammarMasks, Sampler, SamplingRow
 from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
 from splitfuse.worker.kv_store import KVStore
 
 logger = logging.getLogger(__name__)
+
+
+def grammar_masks(scheduler_output: SchedulerOutput, row_of: dict[str, int], vocab_size: int
+                  ) -> Optional[GrammarMasks]:
+    """Structured output: the step's bitmask rows as the sampler's masks (``row_of``: request id -> its row)."""
+    request_ids = scheduler_output.grammar_request_ids
+    if not request_ids:
+        return None
+    bitmask = np.frombuffer(scheduler_output.grammar_bitmask, dtype=np.int32).reshape(len(request_ids), -1)
+    return GrammarMasks([row_of[request_id] for request_id in request_ids],
+                        torch.from_numpy(disallowed_tokens(bitmask, vocab_size)))
 
 
 class ModelRunner:
@@ -88,8 +102,10 @@ class ModelRunner:
         last_rows = torch.from_numpy(layout.query_start_loc[1:][rows] - 1).to(self.device)
         logits = self.model.compute_logits(hidden[last_rows])
         sampling_states = [states[i] for i in rows]
+        masks = grammar_masks(scheduler_output, {s.request_id: i for i, s in enumerate(sampling_states)},
+                              self.arch.vocab_size)
         sampled = self.sampler(logits, [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
-                                        for s in sampling_states])
+                                        for s in sampling_states], masks)
         return ModelRunnerOutput(
             [s.request_id for s in sampling_states], [[token_id] for token_id in sampled.token_ids],
             [None if lp is None else [lp] for lp in sampled.logprobs])

@@ -19,13 +19,50 @@ from splitfuse.entrypoints.openai.prompt_workers import PromptWorkers
 from splitfuse.entrypoints.openai.protocol import BaseSamplingRequest, UsageInfo
 from splitfuse.entrypoints.openai.server_config import ServerConfig
 from splitfuse.outputs import CompletionOutput, Logprob, RequestOutput
-from splitfuse.sampling_params import SamplingParams
+from splitfuse.sample.grammar import check as check_grammar
+from splitfuse.sampling_params import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | frozenset(
     {"prompt", "messages", "model", "max_completion_tokens", "top_logprobs"})
+
+
+def structured_outputs(request: BaseSamplingRequest) -> Optional[StructuredOutputsParams]:
+    """The request's one output constraint, checked (compiled without a tokenizer); None if it has none.
+
+    A 400 names the field: more than one constraint, or a schema, regex or grammar that does not compile.
+    """
+    given: list[tuple[str, dict[str, Any]]] = []
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif response_format is not None and response_format.type == "json_schema":
+        schema = response_format.json_schema.json_schema if response_format.json_schema else None
+        if schema is None:
+            raise OpenAIError("response_format of type json_schema needs json_schema.schema",
+                              param="response_format")
+        given.append(("response_format", {"json": schema}))
+    if request.structured_outputs is not None:
+        fields = request.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        given.append(("structured_outputs", {k: v for k, v in fields.items() if v is not False}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(request, name) is not None:
+            given.append((name, {key: getattr(request, name)}))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise OpenAIError(f"give one output constraint, not {' and '.join(name for name, _ in given)}",
+                          param=given[1][0])
+    param, fields = given[0]
+    try:
+        spec = StructuredOutputsParams(**fields)
+        check_grammar(spec)
+    except ValueError as error:
+        raise OpenAIError(str(error), param=param) from None
+    return spec
 
 
 class ClientDisconnected(Exception):
@@ -102,6 +139,7 @@ class OpenAIServing:
             except ValueError:
                 raise OpenAIError("logit_bias keys must be token ids (integers as strings)",
                                   param="logit_bias") from None
+        constraint = structured_outputs(request)
         top_k = request.top_k or 0
         if top_k > self.engine.vocab_size:  # same meaning, and the sampler never asks for more than exist
             top_k = 0
@@ -118,7 +156,8 @@ class OpenAIServing:
                 stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=request.skip_special_tokens,
-                include_stop_str_in_output=request.include_stop_str_in_output)
+                include_stop_str_in_output=request.include_stop_str_in_output,
+                structured_outputs=constraint)
         except (ValueError, TypeError) as error:
             raise from_engine_error(error, _PARAM_NAMES) from None
         vocab_size = self.engine.vocab_size
