@@ -29,6 +29,34 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with ``additionalProperties: false`` wherever an object lists ``properties`` and says
+    nothing of others (xgrammar's and OpenAI's strict mode): otherwise a model may add keys of its own
+    until max_tokens. A schema that sets ``additionalProperties`` keeps it."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(item) for item in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def llguidance_grammar(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar text of a constraint; ValueError if the JSON schema is not JSON."""
     import llguidance
@@ -44,7 +72,8 @@ def llguidance_grammar(spec: StructuredOutputsParams) -> str:
             raise ValueError(f"the JSON schema is not valid JSON: {error}") from error
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(closed_objects(schema)),
+                                                             defaults=_JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if kind == "choice":

@@ -6,6 +6,8 @@ in the request is refused unless the server trusts them (--trust-request-chat-te
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +27,8 @@ from splitfuse.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChu
 from splitfuse.entrypoints.openai.serving_common import (SSE_DONE, ClientDisconnected, DeltaTracker, OpenAIServing,
                                                          final_outputs, merge_streams, run_unless_disconnected, sse,
                                                          sse_error, token_text, top_entries, usage_of)
+from splitfuse.entrypoints.openai.tool_calls import (ToolCallStream, ToolPlan, hermes_text, reply_of, resolve_tools,
+                                                     template_reads_tools, template_tools, tools_system_prompt)
 from splitfuse.outputs import Logprob, RequestOutput
 from splitfuse.sampling_params import SamplingParams
 
@@ -56,17 +60,24 @@ class OpenAIServingChat(OpenAIServing):
                 raise OpenAIError("continue_final_message needs the last message to be the assistant's, got "
                                   f"{request.messages[-1].role!r}", param="continue_final_message")
         template = self._template(request)
+        plan = resolve_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
         # No max_tokens: the engine gives the request what is left of the context window.
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         params = self.sampling_params(request, max_tokens=max_tokens,
                                       logprobs=(request.top_logprobs or 0) if request.logprobs else None)
-        prompt_token_ids = await self.render_prompt(request, template)
+        if plan.constraint is not None:
+            if params.structured_outputs is not None:
+                raise OpenAIError(f"tool_choice {plan.mode!r} constrains the reply already; it cannot take an "
+                                  f"output constraint (response_format, structured_outputs, guided_*) too",
+                                  param="tool_choice")
+            params = params.clone(structured_outputs=plan.constraint)
+        prompt_token_ids = await self.render_prompt(request, template, plan)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         (stream,) = await self.start_requests(request_id, [prompt_token_ids], params, request.priority,
                                               request.user)
         created = int(time.time())
         if request.stream:
-            chunks = self._stream(request_id, model_name, created, request, params, stream)
+            chunks = self._stream(request_id, model_name, created, request, params, stream, plan)
             return StreamingResponse(chunks, media_type="text/event-stream")
         try:
             (output,) = await run_unless_disconnected(raw_request, final_outputs([stream]))
@@ -74,10 +85,13 @@ class OpenAIServingChat(OpenAIServing):
             return Response(status_code=499)
         except Exception as error:
             raise from_engine_error(error) from None
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              logprobs=self._logprobs(request, c.token_ids, c.logprobs),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for c in output.outputs]
+        choices = []
+        for c in output.outputs:
+            content, calls = reply_of(c.text, plan)
+            choices.append(ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=content, tool_calls=[x.to_openai() for x in calls]),
+                logprobs=self._logprobs(request, c.token_ids, c.logprobs),
+                finish_reason=_finish_reason(c.finish_reason, calls), stop_reason=c.stop_reason))
         response = ChatCompletionResponse(id=request_id, created=created, model=model_name, choices=choices,
                                           usage=usage_of([output]))
         return JSONResponse(response.model_dump())
@@ -100,12 +114,26 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(_UNTRUSTED_TEMPLATE, param="chat_template", code="chat_template_not_allowed")
         return requested
 
-    async def render_prompt(self, request: ChatCompletionRequest, template: str) -> list[int]:
-        """Messages -> prompt token ids, rendered and tokenized by the prompt workers (400 when it cannot render)."""
+    async def render_prompt(self, request: ChatCompletionRequest, template: str,
+                            plan: Optional[ToolPlan] = None) -> list[int]:
+        """Messages -> prompt token ids, rendered and tokenized by the prompt workers (400 when it cannot render).
+
+        Tools go to a template that reads ``tools``; one that does not gets them as a system message, and the
+        conversation's tool calls and results as text (tool_calls.py).
+        """
+        plan = plan or ToolPlan("none")
+        reads_tools = template_reads_tools(template)
+        messages = [_to_template_message(m, reads_tools) for m in request.messages]
+        if plan.renders_tools and not reads_tools:
+            instructions = tools_system_prompt(plan)
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
+            else:
+                messages.insert(0, {"role": "system", "content": instructions})
         # The variables apply_chat_template gives a template: special tokens, the client's kwargs, then ours.
         variables = {**self.engine.tokenizer.special_tokens_map,
                      **{k: v for k, v in (request.chat_template_kwargs or {}).items() if k != "chat_template"},
-                     "messages": [_to_template_message(m) for m in request.messages], "tools": None,
+                     "messages": messages, "tools": template_tools(plan) if reads_tools else None,
                      "documents": None, "add_generation_prompt": request.add_generation_prompt}
         try:
             text = await self.workers.render(template, variables)
@@ -139,8 +167,9 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogprobs(content=content)
 
     async def _stream(self, request_id: str, model_name: str, created: int, request: ChatCompletionRequest,
-                      params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
+                      params: SamplingParams, stream: RequestStream, plan: ToolPlan) -> AsyncIterator[str]:
         tracker = DeltaTracker(request.n)
+        replies = [ToolCallStream(plan) for _ in range(request.n)]
         final: Optional[RequestOutput] = None
         include_usage = request.stream_options is not None and request.stream_options.include_usage
 
@@ -157,12 +186,20 @@ class OpenAIServingChat(OpenAIServing):
                     choices = []
                     for completion in output.outputs:
                         delta = tracker.delta(completion.index, completion)
-                        if delta is None or not (delta.text or delta.finish_reason or request.logprobs):
+                        if delta is None:
+                            continue
+                        reply = replies[completion.index]
+                        content, calls = reply.add(delta.text or ""), None
+                        if delta.finish_reason is not None:
+                            rest, calls = reply.finish()
+                            content += rest
+                        if not (content or calls or delta.finish_reason or request.logprobs):
                             continue
                         choices.append(ChatStreamChoice(
-                            index=completion.index, delta=DeltaMessage(content=delta.text or None),
+                            index=completion.index, delta=DeltaMessage(content=content or None, tool_calls=calls or None),
                             logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
-                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+                            finish_reason=_finish_reason(delta.finish_reason, calls),
+                            stop_reason=delta.stop_reason))
                     if output.finished:
                         final = output
                     if choices:
@@ -191,13 +228,31 @@ def cut_after_final_message(rendered: str, final: str) -> str:
                       "reply cannot go on from it", param="messages")
 
 
-def _to_template_message(message: ChatMessage) -> dict[str, str]:
+def _finish_reason(finish_reason: Optional[str], calls: Any) -> Optional[str]:
+    """OpenAI's "tool_calls" for a reply that ended by itself in calls; "length" and the rest stay."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+def _to_template_message(message: ChatMessage, reads_tools: bool = False) -> dict[str, Any]:
     content = message.content
     if isinstance(content, list):
         content = "\n".join(part.text for part in content)
+    content = content or ""
     # "developer" is OpenAI's newer name for "system"; checkpoint templates know only the latter.
     role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": content or ""}
+    if message.tool_calls:
+        calls = [call.model_dump() for call in message.tool_calls]
+        if not reads_tools:
+            return {"role": role, "content": "\n".join(filter(None, [content, hermes_text(calls)]))}
+        for call in calls:  # templates (and transformers) take the arguments as an object
+            with contextlib.suppress(json.JSONDecodeError):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        return {"role": role, "content": content, "tool_calls": calls}
+    if role == "tool":
+        if not reads_tools:  # a tool's result as Hermes writes it, in a user turn
+            return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
+        return {"role": "tool", "content": content, "tool_call_id": message.tool_call_id or ""}
+    return {"role": role, "content": content}
 
 
 def _top_logprob(token: str, logprob: float) -> TopLogprob:
