@@ -109,8 +109,24 @@ class SchedulerConfig:
         "Order in which waiting requests start and running ones are preempted: priority (lower "
         "`priority` first, then arrival; with equal priorities this is first come, first served) or fcfs "
         "(arrival only).", default="priority")
+    speculative_method: Optional[str] = _help(
+        "Speculative decoding: ngram (draft tokens looked up in the request's own prompt and output; "
+        "verified in the same forward as the rest of the step) or None (off).", default=None)
+    num_speculative_tokens: int = _help("Most draft tokens per request per step.", default=4)
+    speculative_max_batch: int = _help(
+        "Speculate only while at most this many requests run: a bigger batch is compute-bound, where "
+        "draft tokens cost more than they save (SmartSpec).", default=8)
+    prompt_lookup_max: int = _help("Longest n-gram the ngram proposer matches.", default=4)
+    prompt_lookup_min: int = _help("Shortest n-gram the ngram proposer matches.", default=2)
 
     def __post_init__(self) -> None:
+        if self.speculative_method not in (None, "ngram"):
+            raise ValueError(f"speculative_method must be ngram or None, got {self.speculative_method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
+                             f"and {self.prompt_lookup_max}")
         if self.policy not in ("priority", "fcfs"):
             raise ValueError(f"policy must be priority or fcfs, got {self.policy!r}")
         if self.max_num_batched_tokens < 1:

@@ -44,6 +44,7 @@ class RequestMetrics:
     finished_time: Optional[float] = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
+    num_discarded_tokens: int = 0  # tokens of the best_of sequences not returned (generated, so billed)
 
     @property
     def ttft_s(self) -> Optional[float]:

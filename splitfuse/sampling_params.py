@@ -61,10 +61,13 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``logprobs=k`` returns the chosen token's
     log-probability plus the top ``k`` (log-softmax of the raw model logits).
+    ``best_of``: generate this many sequences and return the ``n`` with the highest cumulative
+    logprob (None: ``n``; seeded, sequence ``i`` uses ``seed + i``, so the pick is reproducible).
     A bad value raises ``ValueError`` naming the field.
     """
 
     n: int = 1
+    best_of: Optional[int] = None
     max_tokens: Optional[int] = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -106,6 +109,11 @@ class SamplingParams:
         return self._stop_list
 
     @property
+    def num_sequences(self) -> int:
+        """Sequences generated for one prompt: ``best_of`` of them, of which ``n`` are returned."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
@@ -115,6 +123,8 @@ class SamplingParams:
                 raise ValueError(message)
 
         check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+              f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,

@@ -74,6 +74,9 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # ceil(vocab / 32) words each (token t allowed iff bit t % 32 of word t // 32 is set), rows in this order.
     grammar_request_ids: list[str] = msgspec.field(default_factory=list)
     grammar_bitmask: bytes = b""
+    # Speculative decoding: draft tokens scheduled after a request's last known token (counted in
+    # num_scheduled_tokens); the runner verifies them and answers the accepted ones plus one more.
+    spec_token_ids: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -85,9 +88,13 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
-    """The tokens drawn this step, one row per sampling request (any number of tokens per row)."""
+    """The tokens drawn this step, one row per sampling request (any number of tokens per row: with draft
+    tokens, the accepted drafts and the token drawn after them)."""
 
     request_ids: list[str] = msgspec.field(default_factory=list)
     sampled_token_ids: list[list[int]] = msgspec.field(default_factory=list)
     # Per row, per token; None for a row whose request asked for no logprobs.
     logprobs: list[Optional[list[TokenLogprobs]]] = msgspec.field(default_factory=list)
+    # prompt_logprobs: request id -> (index of the first prompt token scored, one entry per prompt token from
+    # there): each prompt token's logprob given the tokens before it, for the chunk computed this step.
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = msgspec.field(default_factory=dict)

@@ -156,6 +156,7 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         scheduler, kv_cache = self.scheduler, self.scheduler.kv_cache
+        speculated = scheduler.speculator.stats if scheduler.speculator is not None else None
         return SchedulerStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_free_blocks=kv_cache.num_free_blocks, num_total_blocks=kv_cache.num_blocks,
@@ -163,7 +164,9 @@ class EngineCore:
             prefix_cache_hits=kv_cache.prefix_cache_hits, num_preemptions=scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
             computed_tokens_total=self.computed_tokens_total, num_steps=self.num_steps,
-            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in scheduler.waiting))
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in scheduler.waiting),
+            spec_draft_tokens_total=speculated.draft_tokens if speculated else 0,
+            spec_accepted_tokens_total=speculated.accepted_tokens if speculated else 0)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

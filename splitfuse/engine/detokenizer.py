@@ -18,6 +18,8 @@ Two ways to decode, picked once per request from the tokenizer's decoder:
 
 from __future__ import annotations
 
+import re
+
 from tokenizers import Tokenizer, decoders
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerFast
@@ -118,6 +120,32 @@ class _WindowDecoder:
         return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
 
+class StopStrings:
+    """A request's stop strings as one compiled regex, built once and shared by its sequences.
+
+    ``find`` returns the earliest stop string in the text, and among those starting at the same
+    place the first listed: stops ["ab", "a"] in "xab" -> (1, "ab"); ["a", "ab"] -> (1, "a").
+    The regex branches on the first character and then tries that character's stops in list
+    order (Python's ``re`` takes the first alternative that matches): "ab", "ac", "b" ->
+    ``a(?:b|c)|b``. So each position costs one test per distinct first character plus one per
+    stop sharing it, not one scan per stop string.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        assert stops and all(stops), "stop strings are non-empty"
+        by_first_char: dict[str, list[str]] = {}
+        for stop in dict.fromkeys(stops):  # duplicates dropped, first places kept
+            by_first_char.setdefault(stop[0], []).append(re.escape(stop[1:]))
+        self._regex = re.compile("|".join(f"{re.escape(first)}(?:{'|'.join(rests)})"
+                                          for first, rests in by_first_char.items()))
+        self.max_chars = max(len(stop) for stop in stops)
+
+    def find(self, text: str, start: int = 0) -> tuple[int, str] | None:
+        """(where, which) of the earliest stop string starting at ``start`` or later, else None."""
+        match = self._regex.search(text, start)
+        return None if match is None else (match.start(), match.group())
+
+
 class IncrementalDetokenizer:
     """Text of one sequence's output tokens, cut at the first stop string.
 
@@ -126,13 +154,16 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, stop_strings: StopStrings | None = None) -> None:
+        """``stop_strings``: the request's, built once for all its sequences (else built here from ``params``)."""
         self._params = params
-        self._stop_strings = params.stop_strings
+        if stop_strings is None and params.stop_strings:
+            stop_strings = StopStrings(params.stop_strings)
+        self._stop_strings = stop_strings
         self._text = ""  # emitted output text, cut at the stop string once one is found
         self._num_streamed_chars = 0
         self._stopped = False
-        max_stop_chars = max((len(stop) for stop in params.stop_strings), default=0)
+        max_stop_chars = stop_strings.max_chars if stop_strings is not None else 0
         # A stop string that will be included anyway needs no hold-back.
         self._hold_back_chars = 0 if params.include_stop_str_in_output else max(max_stop_chars - 1, 0)
         self._decoder: _StreamDecoder | _WindowDecoder | None = None
@@ -166,7 +197,7 @@ class IncrementalDetokenizer:
             if piece:
                 num_old_chars = len(self._text)
                 self._text += piece
-                if self._stop_strings and (stop := self._find_stop(num_old_chars)) is not None:
+                if self._stop_strings is not None and (stop := self._find_stop(num_old_chars)) is not None:
                     return stop
         return None
 
@@ -188,14 +219,12 @@ class IncrementalDetokenizer:
 
     def _find_stop(self, num_old_chars: int) -> str | None:
         """Earliest stop string in the new text (it may start in older text); cuts the text there."""
-        best_start, best_stop = -1, None
-        for stop in self._stop_strings:
-            # A stop string spanning the old/new boundary starts at most len(stop) - 1 chars back.
-            start = self._text.find(stop, max(0, num_old_chars - len(stop) + 1))
-            if start != -1 and (best_stop is None or start < best_start):
-                best_start, best_stop = start, stop
-        if best_stop is None:
+        # A stop string spanning the old/new boundary starts at most (longest stop - 1) chars back;
+        # one that starts there and ends in the old text cannot exist: it would have stopped us before.
+        found = self._stop_strings.find(self._text, max(0, num_old_chars - self._stop_strings.max_chars + 1))
+        if found is None:
             return None
+        best_start, best_stop = found
         end = best_start + len(best_stop) if self._params.include_stop_str_in_output else best_start
         self._text = self._text[:end]
         self._stopped = True

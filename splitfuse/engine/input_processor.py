@@ -1,8 +1,8 @@
 """InputProcessor: a user's prompt and SamplingParams -> validated ``EngineCoreRequest``s (one per choice).
 
 The frontend half of admission: tokenizing, vocabulary and context-length checks, resolving
-max_tokens, fanning ``n`` out into a leader and its siblings. The core's own checks (duplicate
-ids, waiting-queue limits) happen when it takes the requests.
+max_tokens, fanning ``n`` (or ``best_of``) out into a leader and its siblings. The core's own
+checks (duplicate ids, waiting-queue limits) happen when it takes the requests.
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ class InputProcessor:
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
                 arrival_time: Optional[float] = None, priority: int = 0,
                 tenant: Optional[str] = None) -> tuple[list[int], list[EngineCoreRequest]]:
-        """(prompt token ids, the core requests): ``request_id`` itself for n == 1, else ``request_id#i``."""
+        """(prompt token ids, the core requests): ``request_id`` itself for one sequence, else ``request_id#i``.
+
+        ``best_of`` > n: ``best_of`` sequences, each with at least the chosen token's logprob
+        (``logprobs=0``), which the output processor ranks them by.
+        """
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
         params.validate_for_vocab(self.vocab_size)
         if params.structured_outputs is not None:
             from splitfuse.sample.grammar import check
@@ -73,9 +75,13 @@ class InputProcessor:
         prompt_token_ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params)
         arrival_time = self.clock.now() if arrival_time is None else arrival_time
-        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        num_sequences = params.num_sequences
+        ids = [request_id] if num_sequences == 1 else [f"{request_id}#{i}" for i in range(num_sequences)]
+        core_params = params
+        if num_sequences > params.n and params.logprobs is None:
+            core_params = params.clone(logprobs=0)
         requests = [EngineCoreRequest(
-            sequence_id, prompt_token_ids, params, arrival_time, max_tokens, priority, tenant,
+            sequence_id, prompt_token_ids, core_params, arrival_time, max_tokens, priority, tenant,
             seed=None if params.seed is None else params.seed + index,
             prefill_leader_id=ids[0] if index else None) for index, sequence_id in enumerate(ids)]
         return prompt_token_ids, requests

@@ -40,6 +40,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_reason: Union[int, str, None] = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     first_scheduled_time: Optional[float] = None  # on a request's first output only (core clock)
+    # On a request's first output, when it asked for prompt_logprobs: prompt tokens 1.. given those before.
+    prompt_logprobs: Optional[list[TokenLogprobs]] = None
 
 
 class BlockStored(msgspec.Struct, array_like=True, tag=True):
@@ -73,6 +75,8 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     computed_tokens_total: int  # tokens that went through the model (prefix-cache hits excluded)
     num_steps: int = 0
     num_waiting_tokens: int = 0  # prompt tokens the waiting requests still have to compute (a router's load signal)
+    spec_draft_tokens_total: int = 0  # speculative decoding: draft tokens verified ...
+    spec_accepted_tokens_total: int = 0  # ... and accepted
     # With replicas (engine/replica_client.py): which are up, and the router's decisions by reason so far.
     replicas_up: Optional[dict[str, bool]] = None
     routing_decisions: Optional[dict[str, int]] = None

@@ -68,6 +68,10 @@ class Request:
         # Structured output: the compile in flight, then the request's own grammar matcher (sample/grammar.py).
         self.grammar_future = None
         self.matcher = None
+        # prompt_logprobs: scored by the leader only (siblings share its prompt), collected as chunks compute.
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None and prefill_leader_id is None
+        self.prompt_logprobs: list = []
+        self.spec_acceptance = 1.0  # speculative decoding: recent share of draft tokens accepted (engine/speculative.py)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +84,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens are still to be scored (so its prompt must be computed, not found cached)."""
+        return self.wants_prompt_logprobs and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -93,7 +93,8 @@ class RequestStream:
         latest = self._latest
         completions = [dataclasses.replace(c) for _, c in sorted(self._completions.items())]
         return RequestOutput(latest.request_id, latest.prompt, latest.prompt_token_ids, completions,
-                             latest.finished, latest.metrics, num_cached_tokens=latest.num_cached_tokens)
+                             latest.finished, latest.metrics, num_cached_tokens=latest.num_cached_tokens,
+                             prompt_logprobs=latest.prompt_logprobs)
 
     @property
     def num_output_positions(self) -> int:

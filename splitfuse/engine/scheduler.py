@@ -26,6 +26,7 @@ from splitfuse.engine.kv_cache import KVCacheManager
 from splitfuse.engine.policy import SchedulingPolicy, make_policy
 from splitfuse.engine.protocol import EngineCoreOutput
 from splitfuse.engine.request import Request, RequestStatus
+from splitfuse.engine.speculative import Speculator
 from splitfuse.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Scheduler:
                  grammar_compiler: Optional[GrammarCompiler] = None) -> None:
         self.config = config
         self.grammar_compiler = grammar_compiler
+        self.speculator = Speculator(config, max_model_len) if config.speculative_method else None
         self.kv_cache = kv_cache
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -159,12 +161,19 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, index, output):
+            drafts = []
+            if self.speculator is not None and num_new == request.num_tokens - request.num_computed_tokens == 1:
+                drafts = self.speculator.drafts(request, budget - 1, len(self.running))
+                if drafts and not self.kv_cache.allocate_slots(request, 1 + len(drafts)):
+                    drafts = []  # drafts never preempt anyone: without room the request just decodes
+            if not self._allocate_or_preempt(request, num_new + len(drafts), index, output):
                 # The request was its own victim (it left self.running, so index is the next one). Running
                 # order is admission order, not the policy's: the ones after it may rank higher, and fit now.
                 continue
-            self._add_to_output(output, request, num_new)
-            budget -= num_new
+            if drafts:
+                output.spec_token_ids[request.request_id] = drafts
+            self._add_to_output(output, request, num_new + len(drafts), len(drafts))
+            budget -= num_new + len(drafts)
             index += 1
         return budget
 
@@ -205,7 +214,8 @@ class Scheduler:
                 continue
             if request.is_finished:
                 continue  # its grammar failed: it left the queue
-            computed_blocks = self.kv_cache.get_computed_blocks(request)
+            # A prompt still to be scored is computed, not found in the cache.
+            computed_blocks = [] if request.needs_prompt_logprobs else self.kv_cache.get_computed_blocks(request)
             num_cached = len(computed_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate_slots(request, num_new, computed_blocks):
@@ -220,8 +230,10 @@ class Scheduler:
             self._add_to_output(output, request, num_new)
             budget -= num_new
 
-    def _add_to_output(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
-        """Records the request's share of the step, whole if the runner does not hold it, else as a diff."""
+    def _add_to_output(self, output: SchedulerOutput, request: Request, num_new: int, num_drafts: int = 0) -> None:
+        """Records the request's share of the step, whole if the runner does not hold it, else as a diff.
+
+        ``num_new`` counts the request's ``num_drafts`` draft tokens, which come after its known ones."""
         request_id = request.request_id
         block_table = self.kv_cache.get_block_table(request_id)
         if request.num_tokens_in_runner is None:
@@ -237,7 +249,7 @@ class Scheduler:
         request.num_blocks_in_runner = len(block_table)
         request.known_to_runner = True
         output.num_scheduled_tokens[request_id] = num_new
-        if request.num_computed_tokens + num_new == request.num_tokens:
+        if request.num_computed_tokens + num_new - num_drafts == request.num_tokens:
             output.sampling_request_ids.append(request_id)
 
     def _leader_pending(self, request: Request) -> bool:
@@ -255,14 +267,28 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
                            now: float = 0.0) -> list[EngineCoreOutput]:
         """Advances computed counts, accepts sampled tokens, finishes requests; returns what is new per request."""
+        rows = {request_id: row for row, request_id in enumerate(runner_output.request_ids)}
         for request_id, num_new in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:
                 continue  # aborted while the step ran
+            drafts = scheduler_output.spec_token_ids.get(request_id)
+            if drafts:
+                # The accepted drafts' KV stays (they become tokens below); the rejected ones' is never counted
+                # as computed, so it is written over and never hashed into the prefix cache.
+                row = rows.get(request_id)
+                num_accepted = len(runner_output.sampled_token_ids[row]) - 1 if row is not None else 0
+                num_new -= len(drafts) - num_accepted
+                self.speculator.record(request, len(drafts), num_accepted)
             request.num_computed_tokens += num_new
             self.kv_cache.cache_computed_blocks(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+        for request_id, (start, scored) in runner_output.prompt_logprobs.items():
+            request = self.requests.get(request_id)
+            if request is not None and request.needs_prompt_logprobs:
+                # Entries for tokens scored before (a preempted prompt computed again) are dropped.
+                request.prompt_logprobs.extend(scored[1 + len(request.prompt_logprobs) - start:])
         outputs = []
         for row, request_id in enumerate(runner_output.request_ids):
             request = self.requests.get(request_id)
@@ -288,7 +314,8 @@ class Scheduler:
         output = EngineCoreOutput(
             request.request_id, token_ids[:accepted], None if logprobs is None else logprobs[:accepted],
             num_cached_tokens=max(request.num_cached_tokens, 0),
-            first_scheduled_time=request.first_scheduled_time if first_output else None)
+            first_scheduled_time=request.first_scheduled_time if first_output else None,
+            prompt_logprobs=request.prompt_logprobs if first_output and request.wants_prompt_logprobs else None)
         if status is not None:
             output.finish_reason, output.stop_reason = status.value, request.stop_reason
             self.finish_requests([request.request_id], status)

@@ -44,6 +44,10 @@ _ENGINE_STATS_METRICS = (
     ("num_preemptions", "num_preemptions", "counter", "Requests preempted to free KV cache."),
     ("prompt_tokens_total", "prompt_tokens", "counter", "Prompt tokens processed (prefilled)."),
     ("generation_tokens_total", "generation_tokens", "counter", "Tokens generated."),
+    ("spec_draft_tokens_total", "spec_decode_num_draft_tokens", "counter",
+     "Speculative decoding: draft tokens verified."),
+    ("spec_accepted_tokens_total", "spec_decode_num_accepted_tokens", "counter",
+     "Speculative decoding: draft tokens accepted."),
 )
 
 

@@ -72,11 +72,12 @@ def batch_order(states: list[RequestState], query_lens: list[int]) -> list[int]:
     return sorted(range(len(states)), key=key)
 
 
-def prepare_inputs(states: list[RequestState], query_lens: np.ndarray, block_size: int
-                   ) -> tuple[list[int], np.ndarray, BatchLayout]:
+def prepare_inputs(states: list[RequestState], query_lens: np.ndarray, block_size: int,
+                   drafts: Optional[list[list[int]]] = None) -> tuple[list[int], np.ndarray, BatchLayout]:
     """(token ids, positions, layout) of one step, requests in the given order.
 
-    Request i computes ``query_lens[i]`` tokens from its ``num_computed_tokens`` on; token t of
+    Request i computes ``query_lens[i]`` tokens from its ``num_computed_tokens`` on, its known tokens
+    then ``drafts[i]`` (speculative decoding: tokens proposed after its last known one); token t of
     request i sits at position ``starts[i] + (t - query_start_loc[i])`` and writes its KV to slot
     ``block_table[position // block_size] * block_size + position % block_size``.
     """
@@ -87,8 +88,11 @@ def prepare_inputs(states: list[RequestState], query_lens: np.ndarray, block_siz
     num_tokens = int(query_start_loc[-1])
 
     token_ids: list[int] = []
-    for state, start, length in zip(states, starts.tolist(), query_lens.tolist()):
-        token_ids.extend(state.all_token_ids[start:start + length])
+    for i, (state, start, length) in enumerate(zip(states, starts.tolist(), query_lens.tolist())):
+        known = state.all_token_ids[start:start + length]
+        token_ids.extend(known)
+        if len(known) < length:
+            token_ids.extend(drafts[i][:length - len(known)])
     request_of_token = np.repeat(np.arange(num_reqs), query_lens)
     positions = np.arange(num_tokens) + np.repeat(starts - query_start_loc[:-1], query_lens)
 

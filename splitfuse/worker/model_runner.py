@@ -19,12 +19,26 @@ from splitfuse.models.loader import load_model
 from splitfuse.platforms import resolve_platform
 from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.grammar import disallowed_tokens
-from splitfuse.sample.sampler import GrammarMasks, Sampler, SamplingRow
+from splitfuse.sample.sampler import GrammarMasks, Sampler, SamplingRow, compute_logprobs
 from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
 from splitfuse.worker.kv_store import KVStore
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_LOGPROB_ROWS = 64  # prompt_logprobs: logits rows computed at a time
+
+
+def accepted_drafts(drafts: list[int], drawn: list[int]) -> int:
+    """How many drafts stand: draft j is kept while the token drawn before it (``drawn[j]``, from the target
+    model at that position) is the draft itself. With a proposer that is sure of its drafts (n-gram), this
+    is exact rejection sampling: draft d is accepted with probability p(d), and a rejection leaves a draw
+    from p without d, renormalized — so the kept tokens, plus ``drawn[accepted]`` after them, are
+    distributed exactly as drawing one token at a time. Greedy: the same tokens as without drafts."""
+    accepted = 0
+    while accepted < len(drafts) and drawn[accepted] == drafts[accepted]:
+        accepted += 1
+    return accepted
 
 
 def grammar_masks(scheduler_output: SchedulerOutput, row_of: dict[str, int], vocab_size: int
@@ -85,7 +99,9 @@ class ModelRunner:
         order = batch_order(states, counts)
         states = [states[i] for i in order]
         query_lens = np.array([counts[i] for i in order], dtype=np.int64)
-        token_ids, positions, layout = prepare_inputs(states, query_lens, self.block_size)
+        spec = scheduler_output.spec_token_ids
+        drafts = [spec.get(state.request_id, []) for state in states]
+        token_ids, positions, layout = prepare_inputs(states, query_lens, self.block_size, drafts)
         layout.slot_mapping = layout.slot_mapping.to(self.device)
         if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
             padding = padded_rows(len(token_ids)) - len(token_ids)
@@ -95,17 +111,49 @@ class ModelRunner:
         metadata = self.backend.plan(layout, self.sliding_windows)
         hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), self.kv_caches, metadata)
 
+        prompt_logprobs = self._prompt_logprobs(states, query_lens, hidden, layout.query_start_loc)
         sampling_ids = set(scheduler_output.sampling_request_ids)
         rows = [i for i, state in enumerate(states) if state.request_id in sampling_ids]
         if not rows:
-            return ModelRunnerOutput()
-        last_rows = torch.from_numpy(layout.query_start_loc[1:][rows] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
+            return ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
+        # A request samples at its last token, and with drafts at each draft too (the tokens it verifies).
         sampling_states = [states[i] for i in rows]
-        masks = grammar_masks(scheduler_output, {s.request_id: i for i, s in enumerate(sampling_states)},
+        num_positions = [1 + len(drafts[i]) for i in rows]
+        ends = layout.query_start_loc[1:][rows]
+        logit_rows = np.concatenate([np.arange(end - n, end) for end, n in zip(ends, num_positions)])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(logit_rows).to(self.device)])
+        first_row = np.cumsum([0] + num_positions[:-1]).tolist()
+        masks = grammar_masks(scheduler_output, {s.request_id: r for s, r in zip(sampling_states, first_row)},
                               self.arch.vocab_size)
-        sampled = self.sampler(logits, [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
-                                        for s in sampling_states], masks)
-        return ModelRunnerOutput(
-            [s.request_id for s in sampling_states], [[token_id] for token_id in sampled.token_ids],
-            [None if lp is None else [lp] for lp in sampled.logprobs])
+        sampling_rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids + drafts[i][:j], s.generator)
+                         for s, i, n in zip(sampling_states, rows, num_positions) for j in range(n)]
+        sampled = self.sampler(logits, sampling_rows, masks)
+        token_ids, logprobs = [], []
+        for i, start, n in zip(rows, first_row, num_positions):
+            drawn = sampled.token_ids[start:start + n]
+            kept = 1 + accepted_drafts(drafts[i], drawn)
+            token_ids.append(drawn[:kept])
+            row_logprobs = sampled.logprobs[start:start + kept]
+            logprobs.append(None if row_logprobs[0] is None else row_logprobs)
+        return ModelRunnerOutput([s.request_id for s in sampling_states], token_ids, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, states: list[RequestState], query_lens: np.ndarray, hidden: torch.Tensor,
+                         query_start_loc: np.ndarray) -> dict[str, tuple[int, list]]:
+        """For requests that asked: each prompt token this step's chunk predicts, scored from the logits at
+        the position before it (a chunk at positions [s, e) scores prompt tokens s+1 .. min(e, P - 1))."""
+        scored = {}
+        for i, state in enumerate(states):
+            num_top = state.params.prompt_logprobs
+            start = state.num_computed_tokens
+            end = min(start + int(query_lens[i]), len(state.prompt_token_ids) - 1)
+            if num_top is None or end <= start:
+                continue
+            entries = []
+            for chunk in range(start, end, _PROMPT_LOGPROB_ROWS):  # bounded memory: rows x vocab floats at a time
+                stop = min(chunk + _PROMPT_LOGPROB_ROWS, end)
+                first = int(query_start_loc[i]) + chunk - start
+                logits = self.model.compute_logits(hidden[first:first + stop - chunk])[:, :self.arch.vocab_size]
+                targets = torch.tensor(state.prompt_token_ids[chunk + 1:stop + 1], device=logits.device)
+                entries += compute_logprobs(logits, targets, [num_top] * (stop - chunk))
+            scored[state.request_id] = (start + 1, entries)
+        return scored

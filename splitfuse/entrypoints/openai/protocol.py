@@ -20,7 +20,8 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk (choices: []) with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class JsonSchemaFormat(_Request):
@@ -107,6 +108,7 @@ class CompletionRequest(BaseSamplingRequest):
     max_tokens: Optional[int] = 16  # OpenAI's legacy completions default
     echo: bool = False
     logprobs: Optional[int] = None  # number of top alternatives per token (0..20)
+    best_of: Optional[int] = None  # generate this many per prompt, return the n of the highest cumulative logprob
     suffix: Optional[str] = None  # accepted for compatibility; insertion is not supported
 
 

@@ -26,11 +26,11 @@ from splitfuse.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChu
                                                    DeltaMessage, TopLogprob)
 from splitfuse.entrypoints.openai.serving_common import (SSE_DONE, ClientDisconnected, DeltaTracker, OpenAIServing,
                                                          final_outputs, merge_streams, run_unless_disconnected, sse,
-                                                         sse_error, token_text, top_entries, usage_of)
+                                                         sse_error, token_text, top_entries, usage_of,
+                                                         usage_info)
 from splitfuse.entrypoints.openai.tool_calls import (ToolCallStream, ToolPlan, hermes_text, reply_of, resolve_tools,
                                                      template_reads_tools, template_tools, tools_system_prompt)
 from splitfuse.outputs import Logprob, RequestOutput
-from splitfuse.sampling_params import SamplingParams
 
 _UNTRUSTED_TEMPLATE = ("this server does not render chat templates sent in requests; start it with "
                        "--trust-request-chat-template to allow them")
@@ -77,7 +77,7 @@ class OpenAIServingChat(OpenAIServing):
                                               request.user)
         created = int(time.time())
         if request.stream:
-            chunks = self._stream(request_id, model_name, created, request, params, stream, plan)
+            chunks = self._stream(request_id, model_name, created, request, len(prompt_token_ids), stream, plan)
             return StreamingResponse(chunks, media_type="text/event-stream")
         try:
             (output,) = await run_unless_disconnected(raw_request, final_outputs([stream]))
@@ -167,13 +167,17 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogprobs(content=content)
 
     async def _stream(self, request_id: str, model_name: str, created: int, request: ChatCompletionRequest,
-                      params: SamplingParams, stream: RequestStream, plan: ToolPlan) -> AsyncIterator[str]:
+                      num_prompt_tokens: int, stream: RequestStream, plan: ToolPlan) -> AsyncIterator[str]:
         tracker = DeltaTracker(request.n)
         replies = [ToolCallStream(plan) for _ in range(request.n)]
         final: Optional[RequestOutput] = None
-        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        options = request.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options.continuous_usage_stats
 
         def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:
+            if usage is None and continuous_usage:
+                usage = usage_info(num_prompt_tokens, tracker.num_tokens)
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model_name, choices=choices,
                                            usage=usage))
 

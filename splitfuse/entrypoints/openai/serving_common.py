@@ -86,9 +86,16 @@ def _json(obj: Any) -> str:
 
 
 def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
-    """Prompt tokens count once per prompt; completion tokens once per generated token of every choice."""
+    """Prompt tokens count once per prompt; completion tokens once per generated token of every choice,
+    and of every best_of sequence not returned (as OpenAI bills best_of)."""
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion_tokens += sum(o.metrics.num_discarded_tokens for o in outputs)
+    return usage_info(prompt_tokens, completion_tokens)
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    """A usage object; stream chunks under ``continuous_usage_stats`` carry one with the totals so far."""
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
@@ -129,9 +136,10 @@ class OpenAIServing:
                           400, param="model", code="model_not_found")
 
     def sampling_params(self, request: BaseSamplingRequest, *, max_tokens: Optional[int], num_prompts: int = 1,
-                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
+                        best_of: Optional[int] = None) -> SamplingParams:
         """SamplingParams from the request fields; a bad value is a 400 naming the field."""
-        self._check_num_choices(request.n, num_prompts)
+        self._check_num_choices(request.n, num_prompts, best_of)
         logit_bias = None
         if request.logit_bias:
             try:
@@ -145,7 +153,7 @@ class OpenAIServing:
             top_k = 0
         try:
             params = SamplingParams(
-                n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens,
+                n=request.n, best_of=best_of, max_tokens=max_tokens, min_tokens=request.min_tokens,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p, top_k=top_k,
                 min_p=request.min_p or 0.0,
@@ -168,17 +176,21 @@ class OpenAIServing:
             raise OpenAIError(str(error), param="stop_token_ids" if bad_stop else "logit_bias") from None
         return params
 
-    def _check_num_choices(self, n: int, num_prompts: int) -> None:
-        # Each choice is a sequence in the batch: without a cap one request could take all of it.
+    def _check_num_choices(self, n: int, num_prompts: int, best_of: Optional[int] = None) -> None:
+        # Each choice (each best_of sequence, returned or not) is a sequence in the batch: without a cap
+        # one request could take all of it.
         max_prompts, max_choices = self.config.max_prompts_per_request, self.config.max_choices_per_request
         if num_prompts > max_prompts:
             raise OpenAIError(f"prompt holds {num_prompts} prompts; at most {max_prompts} are allowed per request",
                               param="prompt")
         if not 1 <= n <= max_choices:
             raise OpenAIError(f"n must be between 1 and {max_choices}, got {n}", param="n")
-        if n * num_prompts > max_choices:
-            raise OpenAIError(f"n x prompts = {n} x {num_prompts} = {n * num_prompts} choices; at most "
-                              f"{max_choices} are allowed per request", param="n")
+        if best_of is not None and not n <= best_of <= max_choices:
+            raise OpenAIError(f"best_of must be between n ({n}) and {max_choices}, got {best_of}", param="best_of")
+        name, num_sequences = ("n", n) if best_of is None else ("best_of", best_of)
+        if num_sequences * num_prompts > max_choices:
+            raise OpenAIError(f"{name} x prompts = {num_sequences} x {num_prompts} = {num_sequences * num_prompts} "
+                              f"choices; at most {max_choices} are allowed per request", param=name)
 
     def _check_fits_waiting_queue(self, prompts: Sequence[str | list[int]], n: int) -> None:
         """400 for a request the waiting queue could never take whole (a 429 would be retried in vain).
@@ -202,7 +214,7 @@ class OpenAIServing:
 
         The adds go out together, so the engine takes them all in one command batch.
         """
-        self._check_fits_waiting_queue(prompts, params.n)
+        self._check_fits_waiting_queue(prompts, params.num_sequences)
         sub_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(*(self.engine.add_request(sub_id, prompt, params, priority=priority,
                                                                  tenant=tenant)
@@ -343,3 +355,8 @@ class DeltaTracker:
 
     def all_finished(self) -> bool:
         return all(self._finished)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens seen so far over every choice (sent, or folded into a later chunk)."""
+        return sum(self._sent_tokens)

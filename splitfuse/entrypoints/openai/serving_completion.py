@@ -18,9 +18,9 @@ from splitfuse.entrypoints.openai.protocol import (CompletionChoice, CompletionC
                                                    CompletionRequest, CompletionResponse)
 from splitfuse.entrypoints.openai.serving_common import (SSE_DONE, ClientDisconnected, DeltaTracker, OpenAIServing,
                                                          final_outputs, merge_streams, run_unless_disconnected, sse,
-                                                         sse_error, token_text, top_entries, usage_of)
+                                                         sse_error, token_text, top_entries, usage_of,
+                                                         usage_info)
 from splitfuse.outputs import Logprob, RequestOutput
-from splitfuse.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 
@@ -32,18 +32,22 @@ class OpenAIServingCompletion(OpenAIServing):
         model_name = self.check_model(request.model)
         if request.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
+        if request.stream and request.best_of is not None and request.best_of > request.n:
+            raise OpenAIError("best_of cannot be streamed: which choices are best is known only at the end",
+                              param="best_of")
         prompts = _normalize_prompts(request.prompt)
         echo_logprobs = request.echo and request.logprobs is not None
         params = self.sampling_params(request, max_tokens=request.max_tokens, num_prompts=len(prompts),
                                       logprobs=request.logprobs,
-                                      prompt_logprobs=request.logprobs if echo_logprobs else None)
+                                      prompt_logprobs=request.logprobs if echo_logprobs else None,
+                                      best_of=request.best_of)
         prompt_token_ids = await self._tokenize(prompts)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.start_requests(request_id, prompt_token_ids, params, request.priority,
                                             request.user)
         created = int(time.time())
         if request.stream:
-            chunks = self._stream(request_id, model_name, created, request, params, prompts, streams)
+            chunks = self._stream(request_id, model_name, created, request, prompts, prompt_token_ids, streams)
             return StreamingResponse(chunks, media_type="text/event-stream")
         try:
             outputs = await run_unless_disconnected(raw_request, final_outputs(streams))
@@ -124,20 +128,28 @@ class OpenAIServingCompletion(OpenAIServing):
         return self._append_logprobs(target, output.prompt_token_ids, list(positions), num_top, 0)
 
     async def _stream(self, request_id: str, model_name: str, created: int, request: CompletionRequest,
-                      params: SamplingParams, prompts: list[Prompt],
+                      prompts: list[Prompt], prompt_token_ids: list[Prompt],
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         n = request.n
         tracker = DeltaTracker(len(prompts) * n)
         text_offsets = [0] * (len(prompts) * n)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         echo_pending = [request.echo] * (len(prompts) * n)  # each choice starts with the prompt once
+        options = request.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options.continuous_usage_stats
+        # Prompt tokens per prompt: known before the first output (an engine without a tokenizer: from it).
+        num_prompt_tokens = [len(p) if isinstance(p, list) else 0 for p in prompt_token_ids]
 
         def chunk(choices: list[CompletionChoice]) -> str:
-            return sse(CompletionChunk(id=request_id, created=created, model=model_name, choices=choices))
+            usage = usage_info(sum(num_prompt_tokens), tracker.num_tokens) if continuous_usage else None
+            return sse(CompletionChunk(id=request_id, created=created, model=model_name, choices=choices,
+                                       usage=usage))
 
         try:
             async with aclosing(merge_streams(streams)) as merged:
                 async for p, output in merged:
+                    num_prompt_tokens[p] = len(output.prompt_token_ids)
                     choices = []
                     for completion in output.outputs:
                         slot = p * n + completion.index
@@ -157,7 +169,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         finals[p] = output
                     if choices:
                         yield chunk(choices)
-            if request.stream_options is not None and request.stream_options.include_usage:
+            if include_usage:
                 usage = usage_of([o for o in finals if o is not None])
                 yield sse(CompletionChunk(id=request_id, created=created, model=model_name, choices=[],
                                           usage=usage))
