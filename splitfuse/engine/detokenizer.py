@@ -163,6 +163,7 @@ class IncrementalDetokenizer:
         self._text = ""  # emitted output text, cut at the stop string once one is found
         self._num_streamed_chars = 0
         self._stopped = False
+        self._num_tokens = 0  # stop strings count once min_tokens are out (as vLLM has it)
         max_stop_chars = stop_strings.max_chars if stop_strings is not None else 0
         # A stop string that will be included anyway needs no hold-back.
         self._hold_back_chars = 0 if params.include_stop_str_in_output else max(max_stop_chars - 1, 0)
@@ -194,10 +195,12 @@ class IncrementalDetokenizer:
         # update leaves an unfinished character behind it.
         for token_id in new_token_ids:
             piece = self._decoder.push(token_id)
+            self._num_tokens += 1
             if piece:
                 num_old_chars = len(self._text)
                 self._text += piece
-                if self._stop_strings is not None and (stop := self._find_stop(num_old_chars)) is not None:
+                if (self._stop_strings is not None and self._num_tokens >= self._params.min_tokens
+                        and (stop := self._find_stop(num_old_chars)) is not None):
                     return stop
         return None
 

@@ -154,7 +154,7 @@ class OutputProcessor:
                     self._append_logprobs(sequence, token_id, output.new_logprobs[position])
             if position < num_to_decode and sequence.detokenizer is not None:
                 stop_string = sequence.detokenizer.update([token_id])
-                if stop_string is not None and len(sequence.token_ids) >= params.min_tokens:
+                if stop_string is not None:  # the detokenizer looks for stops once min_tokens are out
                     sequence.finish_reason, sequence.stop_reason = "stop", stop_string
                     return  # the sequence ends at this token; any later ones of this step are dropped
         if output.finish_reason is not None:

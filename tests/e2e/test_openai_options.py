@@ -274,3 +274,13 @@ def test_chat_seed_makes_sampling_reproducible(client):
     first = sample(7)
     assert sample(7) == first
     assert sample(8) != first  # 12 tokens drawn from a near-uniform tiny model: a repeat is all but impossible
+
+
+def test_stream_options_without_stream_is_a_400_on_both_endpoints(client):
+    message = "stream_options is only allowed when stream is true"
+    assert error_of(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                                      stream_options={"include_usage": True})) == (
+        message, "stream_options")
+    assert error_of(lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                           max_tokens=2, stream_options={"include_usage": True})) == (
+        message, "stream_options")

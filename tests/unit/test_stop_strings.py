@@ -85,6 +85,14 @@ def test_a_stop_spanning_tokens_is_found_on_the_token_that_completes_it(tiny_tok
     assert detokenizer.output_text == "hel"
 
 
+def test_a_stop_string_before_min_tokens_does_not_count(tiny_tokenizer):
+    # "l" shows at tokens 3 and 4 and 10; with min_tokens 5 only the one at token 10 stops the text.
+    detokenizer = IncrementalDetokenizer(tiny_tokenizer, [], SamplingParams(stop=["l"], min_tokens=5))
+    results = [detokenizer.update([token_id]) for token_id in char_ids(tiny_tokenizer, "hello world")]
+    assert results == [None] * 9 + ["l"] + [None]
+    assert detokenizer.output_text == "hello wor"
+
+
 def test_the_stop_string_is_kept_when_asked(tiny_tokenizer):
     params = SamplingParams(stop=["wor", "o w"], include_stop_str_in_output=True)
     detokenizer = IncrementalDetokenizer(tiny_tokenizer, [], params)

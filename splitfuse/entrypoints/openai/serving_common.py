@@ -147,6 +147,8 @@ class OpenAIServing:
             except ValueError:
                 raise OpenAIError("logit_bias keys must be token ids (integers as strings)",
                                   param="logit_bias") from None
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
         constraint = structured_outputs(request)
         top_k = request.top_k or 0
         if top_k > self.engine.vocab_size:  # same meaning, and the sampler never asks for more than exist
