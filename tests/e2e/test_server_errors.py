@@ -150,9 +150,13 @@ def test_unknown_route_and_method_use_the_error_shape(http):
     assert_error(http.get("/v1/completions"), 405, "Method Not Allowed")
 
 
-def test_echo_with_logprobs_is_refused_until_the_engine_has_prompt_logprobs(http):
-    assert_error(http.post("/v1/completions", json={**OK_BODY, "echo": True, "logprobs": 1}), 400,
-                 "prompt_logprobs is not supported")
+def test_echo_with_too_many_logprobs_is_a_400_and_a_valid_one_scores_the_prompt(http):
+    error = assert_error(http.post("/v1/completions", json={**OK_BODY, "echo": True, "logprobs": 21}), 400,
+                         "logprobs must be an integer in [0, 20], got 21")
+    assert error["param"] == "logprobs"
+    reply = http.post("/v1/completions", json={**OK_BODY, "echo": True, "logprobs": 1})
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None  # the first prompt token
 
 
 def test_full_waiting_queue_is_429_and_the_server_recovers(llama_ckpt):
