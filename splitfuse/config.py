@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 _DTYPES = ("bfloat16", "float16", "float32", "auto")
 ATTENTION_BACKENDS = ("auto", "cpu-kernel", "torch")
+SPECULATIVE_METHODS = (None, "ngram", "draft")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -110,8 +111,12 @@ class SchedulerConfig:
         "`priority` first, then arrival; with equal priorities this is first come, first served) or fcfs "
         "(arrival only).", default="priority")
     speculative_method: Optional[str] = _help(
-        "Speculative decoding: ngram (draft tokens looked up in the request's own prompt and output; "
-        "verified in the same forward as the rest of the step) or None (off).", default=None)
+        "Speculative decoding: ngram (draft tokens looked up in the request's own prompt and output), draft "
+        "(proposed by the small model --speculative-model) or None (off); drafts are verified in the same "
+        "forward as the rest of the step.", default=None)
+    speculative_model: Optional[str] = _help(
+        "The draft model of speculative_method draft: a checkpoint directory with the target's vocabulary.",
+        default=None)
     num_speculative_tokens: int = _help("Most draft tokens per request per step.", default=4)
     speculative_max_batch: int = _help(
         "Speculate only while at most this many requests run: a bigger batch is compute-bound, where "
@@ -120,8 +125,11 @@ class SchedulerConfig:
     prompt_lookup_min: int = _help("Shortest n-gram the ngram proposer matches.", default=2)
 
     def __post_init__(self) -> None:
-        if self.speculative_method not in (None, "ngram"):
-            raise ValueError(f"speculative_method must be ngram or None, got {self.speculative_method!r}")
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be ngram, draft or None, got {self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_method draft and speculative_model go together (got "
+                             f"{self.speculative_method!r} and {self.speculative_model!r})")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

@@ -77,6 +77,12 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # Speculative decoding: draft tokens scheduled after a request's last known token (counted in
     # num_scheduled_tokens); the runner verifies them and answers the accepted ones plus one more.
     spec_token_ids: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    # speculative_method="draft": how many drafts the runner's draft model proposes (counted likewise).
+    spec_num_drafts: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def num_drafts(self, request_id: str) -> int:
+        """The draft tokens scheduled for a request this step, whichever proposer made them."""
+        return len(self.spec_token_ids.get(request_id, ())) or self.spec_num_drafts.get(request_id, 0)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -64,7 +64,8 @@ class EngineCore:
                              attention_backend=config.model.attention_backend,
                              batch_invariant=config.model.batch_invariant,
                              max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                             max_num_seqs=config.scheduler.max_num_seqs)
+                             max_num_seqs=config.scheduler.max_num_seqs,
+                             draft_model_path=setup.draft_model_path, draft_arch=setup.draft_arch)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", setup.num_blocks,
                     config.cache.block_size, setup.num_blocks * config.cache.block_size)
         return cls(scheduler, UniProcExecutor(runner))

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -32,6 +33,8 @@ class ResolvedConfig:
     max_model_len: int
     num_blocks: int
     eos_token_ids: frozenset[int]
+    draft_model_path: Optional[str] = None  # speculative_method="draft": the draft checkpoint, and its arch
+    draft_arch: Optional[ArchConfig] = None
 
 
 def resolve_config(config: EngineConfig) -> ResolvedConfig:
@@ -50,8 +53,16 @@ def resolve_config(config: EngineConfig) -> ResolvedConfig:
                              f"max_position_embeddings {arch.max_position_embeddings}")
         max_model_len = config.model.max_model_len
     num_blocks = _num_blocks(config, arch, dtype, max_model_len)
+    draft_model_path = draft_arch = None
+    if config.scheduler.speculative_model is not None:
+        draft_model_path = resolve_model(config.scheduler.speculative_model, dtype_name).path
+        draft_arch = ArchConfig.from_dir(draft_model_path)
+        if draft_arch.vocab_size != arch.vocab_size:
+            raise ValueError(f"the draft model {config.scheduler.speculative_model!r} has a vocabulary of "
+                             f"{draft_arch.vocab_size} tokens, the target {arch.vocab_size}: a draft model must "
+                             "share the target's tokenizer")
     return ResolvedConfig(model_path, tokenizer, arch, dtype, device, max_model_len, num_blocks,
-                       _eos_token_ids(model_path, arch, tokenizer))
+                          _eos_token_ids(model_path, arch, tokenizer), draft_model_path, draft_arch)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

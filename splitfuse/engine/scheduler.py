@@ -161,19 +161,21 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            drafts = []
+            num_drafts, draft_ids = 0, []
             if self.speculator is not None and num_new == request.num_tokens - request.num_computed_tokens == 1:
-                drafts = self.speculator.drafts(request, budget - 1, len(self.running))
-                if drafts and not self.kv_cache.allocate_slots(request, 1 + len(drafts)):
-                    drafts = []  # drafts never preempt anyone: without room the request just decodes
-            if not self._allocate_or_preempt(request, num_new + len(drafts), index, output):
+                num_drafts, draft_ids = self.speculator.drafts(request, budget - 1, len(self.running))
+                if num_drafts and not self.kv_cache.allocate_slots(request, 1 + num_drafts):
+                    num_drafts, draft_ids = 0, []  # drafts never preempt anyone: without room the request decodes
+            if not self._allocate_or_preempt(request, num_new + num_drafts, index, output):
                 # The request was its own victim (it left self.running, so index is the next one). Running
                 # order is admission order, not the policy's: the ones after it may rank higher, and fit now.
                 continue
-            if drafts:
-                output.spec_token_ids[request.request_id] = drafts
-            self._add_to_output(output, request, num_new + len(drafts), len(drafts))
-            budget -= num_new + len(drafts)
+            if draft_ids:
+                output.spec_token_ids[request.request_id] = draft_ids
+            elif num_drafts:
+                output.spec_num_drafts[request.request_id] = num_drafts  # the runner's draft model proposes them
+            self._add_to_output(output, request, num_new + num_drafts, num_drafts)
+            budget -= num_new + num_drafts
             index += 1
         return budget
 
@@ -272,14 +274,14 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue  # aborted while the step ran
-            drafts = scheduler_output.spec_token_ids.get(request_id)
-            if drafts:
+            num_drafts = scheduler_output.num_drafts(request_id)
+            if num_drafts:
                 # The accepted drafts' KV stays (they become tokens below); the rejected ones' is never counted
                 # as computed, so it is written over and never hashed into the prefix cache.
                 row = rows.get(request_id)
                 num_accepted = len(runner_output.sampled_token_ids[row]) - 1 if row is not None else 0
-                num_new -= len(drafts) - num_accepted
-                self.speculator.record(request, len(drafts), num_accepted)
+                num_new -= num_drafts - num_accepted
+                self.speculator.record(request, num_drafts, num_accepted)
             request.num_computed_tokens += num_new
             self.kv_cache.cache_computed_blocks(request)
             if request.first_scheduled_time is None:

@@ -1,4 +1,4 @@
-"""Speculative decoding's scheduler half: which draft tokens a request gets this step, and how many.
+"""Speculative decoding's scheduler half: how many draft tokens a request gets this step, and which (n-gram).
 
 ``NgramProposer`` is prompt lookup: the longest suffix of the request's tokens (``prompt_lookup_max``
 down to ``prompt_lookup_min`` tokens) that occurred before; its most recent earlier occurrence's
@@ -8,7 +8,9 @@ How many drafts (``Speculator.drafts``): none for a request under a grammar, non
 ``speculative_max_batch`` requests run (a compute-bound batch pays for every draft token: SmartSpec),
 and per request as many as its recent acceptance rate earns (an exponential moving average; a request
 whose drafts keep failing stops getting them and is tried again later). Draft tokens cost budget like
-any token; the runner verifies them in the same forward (``worker/model_runner.py``).
+any token; the runner verifies them in the same forward (``worker/model_runner.py``). With a draft model
+(``speculative_method="draft"``) the scheduler decides only how many; the runner's draft model
+(``worker/draft_model.py``) proposes the tokens.
 """
 
 from __future__ import annotations
@@ -63,19 +65,23 @@ class Speculator:
         self.max_model_len = max_model_len
         self.stats = SpeculationStats()
 
-    def drafts(self, request: Request, budget: int, num_running: int) -> list[int]:
-        """This step's draft tokens for a request that decodes (one known token left to compute)."""
+    def drafts(self, request: Request, budget: int, num_running: int) -> tuple[int, list[int]]:
+        """This step's drafts for a request that decodes (one known token left to compute): how many, and
+        their tokens (n-gram), or no tokens (a draft model: the runner proposes that many)."""
         config = self.config
         if request.matcher is not None or request.grammar_future is not None or num_running > config.speculative_max_batch:
-            return []
+            return 0, []
         if request.spec_acceptance < _OFF_BELOW:
             request.spec_acceptance += _RECOVERY
-            return []
+            return 0, []
         room = min(budget, request.max_tokens - request.num_output_tokens - 1)
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - request.num_tokens)
         wanted = min(room, max(1, math.ceil(config.num_speculative_tokens * request.spec_acceptance)))
-        return ngram_draft(request.all_token_ids, wanted, config.prompt_lookup_max, config.prompt_lookup_min)
+        if config.speculative_method == "draft":
+            return max(wanted, 0), []
+        draft_ids = ngram_draft(request.all_token_ids, wanted, config.prompt_lookup_max, config.prompt_lookup_min)
+        return len(draft_ids), draft_ids
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         request.spec_acceptance = (1 - _EMA_WEIGHT) * request.spec_acceptance + _EMA_WEIGHT * num_accepted / num_drafts

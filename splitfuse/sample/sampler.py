@@ -43,7 +43,7 @@ class SamplerOutput:
     logprobs: list[Optional[RowLogprobs]]  # one per row; None where params.logprobs is None
 
 
-def _is_greedy(params: SamplingParams) -> bool:
+def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _MIN_TEMPERATURE
 
 
@@ -230,7 +230,7 @@ class Sampler:
         apply_grammar_masks(raw, grammar_masks)  # in place: the runner's logits are this step's own
         params = [row.params for row in rows]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        sample_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]
+        sample_rows = [i for i, p in enumerate(params) if not is_greedy(p)]
         changes_logits = any(p.logit_bias or _has_penalties(p) for p in params)
         if not sample_rows and not changes_logits:
             # All greedy, at most min_tokens' bans to apply: argmax of the raw logits without a copy.
@@ -277,8 +277,34 @@ class Sampler:
                 logprobs[i] = row_logprobs
         return logprobs
 
+    def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[rows, vocab] fp32: the distribution each row's draw is made from (logit bias, min_tokens,
+        penalties, temperature, top-k, top-p, min-p; greedy rows: one-hot at their pick), normalized.
+        What speculative decoding's rejection sampler compares (``sample/rejection.py``); no grammar."""
+        work = logits[:, :min(self.vocab_size, logits.shape[1])].to(torch.float32, copy=True)
+        apply_logit_bias(work, rows)
+        apply_min_tokens(work, rows, self.eos_token_ids)
+        apply_penalties(work, rows)
+        probs = torch.zeros_like(work)
+        greedy = [i for i, row in enumerate(rows) if is_greedy(row.params)]
+        if greedy:
+            picks = work[greedy].max(dim=-1).indices  # first index on ties, as the greedy path
+            probs[torch.tensor(greedy, device=work.device), picks] = 1.0
+        sampled = [i for i, row in enumerate(rows) if not is_greedy(row.params)]
+        if sampled:
+            row_probs = self._probs(work[sampled], [rows[i] for i in sampled])
+            probs[sampled] = row_probs / row_probs.sum(dim=-1, keepdim=True)
+        return probs
+
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then one draw per row; modifies ``logits``."""
+        probs = self._probs(logits, rows)
+        # Exponential race: argmax(p / E), E ~ Exp(1), is a draw from p (scale-free, so no
+        # renormalising after masks); masked tokens have p == 0 and can never win.
+        return probs.div_(self._noise(probs, rows)).argmax(dim=-1)
+
+    def _probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Temperature, top-k, top-p, softmax, min-p (not renormalized); modifies ``logits``."""
         device, vocab_size = logits.device, logits.shape[1]
         params = [row.params for row in rows]
         if any(p.temperature != 1.0 for p in params):
@@ -293,9 +319,7 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0.0 for p in params):
             apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
-        # Exponential race: argmax(p / E), E ~ Exp(1), is a draw from p (scale-free, so no
-        # renormalising after masks); masked tokens have p == 0 and can never win.
-        return probs.div_(self._noise(probs, rows)).argmax(dim=-1)
+        return probs
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         noise = torch.empty_like(probs)

@@ -19,8 +19,10 @@ from splitfuse.models.loader import load_model
 from splitfuse.platforms import resolve_platform
 from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.grammar import disallowed_tokens
+from splitfuse.sample.rejection import rejection_sample
 from splitfuse.sample.sampler import GrammarMasks, Sampler, SamplingRow, compute_logprobs
 from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
+from splitfuse.worker.draft_model import DraftModel
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
 from splitfuse.worker.kv_store import KVStore
 
@@ -56,7 +58,8 @@ class ModelRunner:
     def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 0, max_num_seqs: int = 0,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, draft_model_path: Optional[str] = None,
+                 draft_arch: Optional[ArchConfig] = None) -> None:
         self.arch = arch
         self.device = device
         self.block_size = block_size
@@ -69,6 +72,13 @@ class ModelRunner:
         self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed, argmax=self.platform.ops.argmax)
         self.requests: dict[str, RequestState] = {}
+        # speculative_method="draft": the proposer, and the random stream of its verification (unseeded rows).
+        self.draft_model = None if draft_model_path is None else DraftModel(
+            draft_model_path, draft_arch, dtype=dtype, device=device, num_blocks=num_blocks, block_size=block_size,
+            eos_token_ids=eos_token_ids, seed=seed, attention_backend=attention_backend,
+            batch_invariant=batch_invariant, max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs)
+        self.verify_generator = torch.Generator().manual_seed(seed + 2)
         # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
         self.model.warm_up(max_num_batched_tokens, max_num_seqs)
 
@@ -83,6 +93,8 @@ class ModelRunner:
             if operation.kind != "copy":
                 raise ValueError(f"KV operation {operation.kind!r} is not supported by this runner")
             self.kv_store.copy_blocks(operation.src_block_ids, operation.dst_block_ids)
+            if self.draft_model is not None:  # the same slots hold the same positions in both pools
+                self.draft_model.kv_store.copy_blocks(operation.src_block_ids, operation.dst_block_ids)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -90,6 +102,8 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """One forward over every scheduled token; samples for the scheduler's sampling requests."""
         update_states(self.requests, scheduler_output)
+        if self.draft_model is not None:
+            self.draft_model.update(scheduler_output)
         self.apply_kv_operations(scheduler_output.kv_operations)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
@@ -101,6 +115,10 @@ class ModelRunner:
         query_lens = np.array([counts[i] for i in order], dtype=np.int64)
         spec = scheduler_output.spec_token_ids
         drafts = [spec.get(state.request_id, []) for state in states]
+        draft_probs: dict[str, torch.Tensor] = {}  # the draft model's q per sampled (temperature > 0) request
+        if self.draft_model is not None:  # its drafts come first: the target verifies them in this forward
+            num_drafts = [scheduler_output.spec_num_drafts.get(state.request_id, 0) for state in states]
+            drafts, draft_probs = self.draft_model.propose(states, query_lens - np.array(num_drafts), num_drafts)
         token_ids, positions, layout = prepare_inputs(states, query_lens, self.block_size, drafts)
         layout.slot_mapping = layout.slot_mapping.to(self.device)
         if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
@@ -128,14 +146,50 @@ class ModelRunner:
         sampling_rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids + drafts[i][:j], s.generator)
                          for s, i, n in zip(sampling_states, rows, num_positions) for j in range(n)]
         sampled = self.sampler(logits, sampling_rows, masks)
+        # A draft model's rows at temperature > 0 are verified apart; their draws above go unused.
+        verified = self._verify_draft_model(sampling_states, first_row, num_positions, logits, sampling_rows,
+                                            [drafts[i] for i in rows], draft_probs)
         token_ids, logprobs = [], []
-        for i, start, n in zip(rows, first_row, num_positions):
+        for r, (i, start, n) in enumerate(zip(rows, first_row, num_positions)):
+            if r in verified:
+                token_ids.append(verified[r][0])
+                logprobs.append(verified[r][1])
+                continue
             drawn = sampled.token_ids[start:start + n]
             kept = 1 + accepted_drafts(drafts[i], drawn)
             token_ids.append(drawn[:kept])
             row_logprobs = sampled.logprobs[start:start + kept]
             logprobs.append(None if row_logprobs[0] is None else row_logprobs)
+        if self.draft_model is not None:
+            for i, kept_tokens in zip(rows, token_ids):
+                if drafts[i]:
+                    self.draft_model.settle(states[i].request_id, len(drafts[i]), len(kept_tokens) - 1)
         return ModelRunnerOutput([s.request_id for s in sampling_states], token_ids, logprobs, prompt_logprobs)
+
+    def _verify_draft_model(self, sampling_states: list[RequestState], first_row: list[int],
+                            num_positions: list[int], logits: torch.Tensor, sampling_rows: list[SamplingRow],
+                            drafts: list[list[int]], draft_probs: dict[str, torch.Tensor]) -> dict[int, tuple]:
+        """The draft model's drafts at temperature > 0, by the general rule (``sample/rejection.py``): sampling
+        row -> (kept tokens, their logprobs or None). Greedy drafts (q one-hot) need no more than
+        ``accepted_drafts``, which gives the target's own argmax tokens."""
+        general = [r for r, state in enumerate(sampling_states) if state.request_id in draft_probs]
+        if not general:
+            return {}
+        logit_rows = [first_row[r] + j for r in general for j in range(num_positions[r])]
+        target_probs = self.sampler.probabilities(logits[logit_rows], [sampling_rows[k] for k in logit_rows]).cpu()
+        verified, offset = {}, 0
+        for r in general:
+            state, n = sampling_states[r], num_positions[r]
+            kept = rejection_sample(target_probs[offset:offset + n], draft_probs[state.request_id], drafts[r],
+                                    state.generator or self.verify_generator)
+            offset += n
+            row_logprobs = None
+            if state.params.logprobs is not None:
+                raw = logits[first_row[r]:first_row[r] + len(kept), :self.arch.vocab_size]
+                row_logprobs = compute_logprobs(raw, torch.tensor(kept, device=raw.device),
+                                                [state.params.logprobs] * len(kept))
+            verified[r] = (kept, row_logprobs)
+        return verified
 
     def _prompt_logprobs(self, states: list[RequestState], query_lens: np.ndarray, hidden: torch.Tensor,
                          query_start_loc: np.ndarray) -> dict[str, tuple[int, list]]:

@@ -88,3 +88,30 @@ def test_drafts_never_preempt_a_request():
     output = scheduler.schedule()
     assert output.preempted_request_ids == [] and output.spec_token_ids == {}
     assert output.num_scheduled_tokens == {"a": 1, "b": 1}
+
+
+def test_with_a_draft_model_the_scheduler_sends_only_how_many_drafts_and_rolls_back_the_rejected():
+    config = SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8, speculative_method="draft",
+                             speculative_model="unused", num_speculative_tokens=3)
+    scheduler = Scheduler(config, KVCacheManager(64, 4, True))
+    request = add(scheduler, "a", [9, 8, 7, 6, 5])  # nothing repeats: an n-gram proposer would find no draft
+    output = scheduler.schedule()
+    assert output.num_scheduled_tokens == {"a": 5} and output.spec_num_drafts == {}
+    scheduler.update_from_output(output, ModelRunnerOutput(["a"], [[4]]))
+    output = scheduler.schedule()
+    assert output.spec_num_drafts == {"a": 3} and output.spec_token_ids == {}
+    assert output.num_scheduled_tokens == {"a": 4} and output.sampling_request_ids == ["a"]
+    assert len(scheduler.kv_cache.get_block_table("a")) == 3  # room for positions 0..8: 6 known + 3 drafts
+    # The runner's draft model proposed three; one stood, and the target drew 3 after it.
+    scheduler.update_from_output(output, ModelRunnerOutput(["a"], [[2, 3]]))
+    assert request.output_token_ids == [4, 2, 3] and request.num_computed_tokens == 7
+    assert scheduler.speculator.stats.draft_tokens == 3 and scheduler.speculator.stats.accepted_tokens == 1
+
+
+def test_a_draft_method_needs_its_model_and_a_model_needs_the_draft_method():
+    import pytest
+
+    with pytest.raises(ValueError, match="speculative_method draft and speculative_model go together"):
+        SchedulerConfig(speculative_method="draft")
+    with pytest.raises(ValueError, match="speculative_method draft and speculative_model go together"):
+        SchedulerConfig(speculative_method="ngram", speculative_model="/some/dir")

@@ -25,7 +25,7 @@ ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 # Fields whose flag parses differently from their annotation.
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"kv_cache_memory": parse_memory_size}
 _FLAG_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "attention_backend": ATTENTION_BACKENDS,
-                                              "routing": ROUTING_POLICIES, "speculative_method": ("ngram",)}
+                                              "routing": ROUTING_POLICIES, "speculative_method": ("ngram", "draft")}
 
 
 def _flag_kind(hint: Any) -> Any:
