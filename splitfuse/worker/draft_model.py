@@ -23,14 +23,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from splitfuse.models.config import ArchConfig
-from splitfuse.models.loader import load_model
-from splitfuse.platforms import resolve_platform
 from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.sampler import Sampler, SamplingRow, is_greedy
 from splitfuse.step import SchedulerOutput
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs
-from splitfuse.worker.kv_store import KVStore
+from splitfuse.worker.model_on_device import ModelOnDevice
 
 
 @dataclass
@@ -43,21 +40,14 @@ class _DraftView:
 
 
 class DraftModel:
-    def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int,
-                 attention_backend: str, batch_invariant: bool, max_num_batched_tokens: int,
-                 max_num_seqs: int) -> None:
-        self.device = device
-        self.block_size = block_size
-        self.platform = resolve_platform(device, dtype, attention_backend=attention_backend,
-                                         batch_invariant=batch_invariant, arch=arch, block_size=block_size)
-        self.backend = self.platform.attention_backend
-        self.model = load_model(model_path, arch, self.platform)
-        self.kv_store = KVStore(self.backend, arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
-                                arch.head_dim, dtype, device)
-        self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
+    def __init__(self, loaded: ModelOnDevice, vocab_size: int, *, eos_token_ids: frozenset[int], seed: int,
+                 max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        """``loaded``: the draft checkpoint placed as the target is (its KV pool: the target's block count and size)."""
+        self.platform, self.backend, self.model = loaded.platform, loaded.backend, loaded.model
+        self.kv_store, self.sliding_windows = loaded.kv_store, loaded.sliding_windows
+        self.device, self.block_size = loaded.platform.device, loaded.kv_store.block_size
         # Its own batch generator: drafting must not shift the target sampler's random stream.
-        self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed + 1, argmax=self.platform.ops.argmax)
+        self.sampler = Sampler(vocab_size, eos_token_ids, seed=seed + 1, argmax=self.platform.ops.argmax)
         self.num_computed: dict[str, int] = {}  # request id -> tokens whose draft KV stands
         self.model.warm_up(max_num_batched_tokens, max_num_seqs)
 

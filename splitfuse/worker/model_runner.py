@@ -15,8 +15,6 @@ import numpy as np
 import torch
 
 from splitfuse.models.config import ArchConfig
-from splitfuse.models.loader import load_model
-from splitfuse.platforms import resolve_platform
 from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.grammar import disallowed_tokens
 from splitfuse.sample.rejection import rejection_sample
@@ -24,7 +22,7 @@ from splitfuse.sample.sampler import GrammarMasks, Sampler, SamplingRow, compute
 from splitfuse.step import KVOperation, ModelRunnerOutput, SchedulerOutput
 from splitfuse.worker.draft_model import DraftModel
 from splitfuse.worker.input_batch import RequestState, batch_order, prepare_inputs, update_states
-from splitfuse.worker.kv_store import KVStore
+from splitfuse.worker.model_on_device import ModelOnDevice
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +61,18 @@ class ModelRunner:
         self.arch = arch
         self.device = device
         self.block_size = block_size
-        self.platform = resolve_platform(device, dtype, attention_backend=attention_backend,
-                                         batch_invariant=batch_invariant, arch=arch, block_size=block_size)
-        self.backend = self.platform.attention_backend
-        self.model = load_model(model_path, arch, self.platform)
-        self.kv_store = KVStore(self.backend, arch.num_layers, num_blocks, block_size, arch.num_kv_heads,
-                                arch.head_dim, dtype, device)
-        self.sliding_windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
+        # Where a model runs and how its KV is held: the same for the target and a draft model.
+        placement = dict(dtype=dtype, device=device, num_blocks=num_blocks, block_size=block_size,
+                         attention_backend=attention_backend, batch_invariant=batch_invariant)
+        loaded = ModelOnDevice.load(model_path, arch, **placement)
+        self.platform, self.backend, self.model = loaded.platform, loaded.backend, loaded.model
+        self.kv_store, self.sliding_windows = loaded.kv_store, loaded.sliding_windows
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed, argmax=self.platform.ops.argmax)
         self.requests: dict[str, RequestState] = {}
         # speculative_method="draft": the proposer, and the random stream of its verification (unseeded rows).
         self.draft_model = None if draft_model_path is None else DraftModel(
-            draft_model_path, draft_arch, dtype=dtype, device=device, num_blocks=num_blocks, block_size=block_size,
-            eos_token_ids=eos_token_ids, seed=seed, attention_backend=attention_backend,
-            batch_invariant=batch_invariant, max_num_batched_tokens=max_num_batched_tokens,
+            ModelOnDevice.load(draft_model_path, draft_arch, **placement), draft_arch.vocab_size,
+            eos_token_ids=eos_token_ids, seed=seed, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs)
         self.verify_generator = torch.Generator().manual_seed(seed + 2)
         # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
