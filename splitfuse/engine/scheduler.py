@@ -142,7 +142,8 @@ class Scheduler:
 
     def _add_grammar_bitmask(self, output: SchedulerOutput) -> None:
         """Next-token masks of the requests that sample this step under a grammar (computed here, on the
-        core's thread, from each matcher's state after the tokens accepted so far)."""
+        core's thread, from each matcher's state after the tokens accepted so far), one per sampling
+        request, then one per draft token: a request's id appears once per row, its rows in order."""
         if self.grammar_compiler is None:
             return
         constrained = [self.requests[request_id] for request_id in output.sampling_request_ids
@@ -151,10 +152,25 @@ class Scheduler:
             return
         from splitfuse.sample.grammar import bitmask_words
 
-        bitmask = np.empty((len(constrained), bitmask_words(self.grammar_compiler.vocab_size)), dtype=np.int32)
+        words = bitmask_words(self.grammar_compiler.vocab_size)
+        bitmask = np.empty((len(constrained), words), dtype=np.int32)
         self.grammar_compiler.fill_bitmask([r.matcher for r in constrained], bitmask)
-        output.grammar_request_ids = [r.request_id for r in constrained]
-        output.grammar_bitmask = bitmask.tobytes()
+        request_ids = [r.request_id for r in constrained]
+        # With drafts, a row more per draft: the mask after it (the matcher goes through them, then back).
+        extra_rows, extra_ids = [], []
+        for request in constrained:
+            drafts = output.spec_token_ids.get(request.request_id, [])
+            if not drafts:
+                continue
+            rows = np.empty((len(drafts), words), dtype=np.int32)
+            for j, token_id in enumerate(drafts):
+                request.matcher.consume_token(token_id)
+                self.grammar_compiler.fill_bitmask([request.matcher], rows[j:j + 1])
+            request.matcher.rollback(len(drafts))
+            extra_rows.append(rows)
+            extra_ids += [request.request_id] * len(drafts)
+        output.grammar_request_ids = request_ids + extra_ids
+        output.grammar_bitmask = b"".join([bitmask.tobytes()] + [rows.tobytes() for rows in extra_rows])
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0

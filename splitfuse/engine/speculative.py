@@ -4,7 +4,8 @@
 down to ``prompt_lookup_min`` tokens) that occurred before; its most recent earlier occurrence's
 continuation is the draft. [5, 6, 7, 9, 5, 6] with n = 2 -> "5 6" occurred at 0 -> draft [7, 9, 5].
 
-How many drafts (``Speculator.drafts``): none for a request under a grammar, none while more than
+How many drafts (``Speculator.drafts``): under a grammar, n-gram drafts up to the first it does not allow
+(a draft model's: none); none while more than
 ``speculative_max_batch`` requests run (a compute-bound batch pays for every draft token: SmartSpec),
 and per request as many as its recent acceptance rate earns (an exponential moving average; a request
 whose drafts keep failing stops getting them and is tried again later). Draft tokens cost budget like
@@ -69,8 +70,10 @@ class Speculator:
         """This step's drafts for a request that decodes (one known token left to compute): how many, and
         their tokens (n-gram), or no tokens (a draft model: the runner proposes that many)."""
         config = self.config
-        if request.matcher is not None or request.grammar_future is not None or num_running > config.speculative_max_batch:
+        if request.grammar_future is not None or num_running > config.speculative_max_batch:
             return 0, []
+        if request.matcher is not None and config.speculative_method != "ngram":
+            return 0, []  # a draft model drafts without the grammar
         if request.spec_acceptance < _OFF_BELOW:
             request.spec_acceptance += _RECOVERY
             return 0, []
@@ -81,6 +84,8 @@ class Speculator:
         if config.speculative_method == "draft":
             return max(wanted, 0), []
         draft_ids = ngram_draft(request.all_token_ids, wanted, config.prompt_lookup_max, config.prompt_lookup_min)
+        if request.matcher is not None:  # under a grammar: only the drafts it allows (their masks follow them)
+            draft_ids = draft_ids[:request.matcher.validate_tokens(draft_ids)]
         return len(draft_ids), draft_ids
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:

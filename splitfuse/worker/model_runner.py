@@ -43,13 +43,18 @@ def accepted_drafts(drafts: list[int], drawn: list[int]) -> int:
 
 def grammar_masks(scheduler_output: SchedulerOutput, row_of: dict[str, int], vocab_size: int
                   ) -> Optional[GrammarMasks]:
-    """Structured output: the step's bitmask rows as the sampler's masks (``row_of``: request id -> its row)."""
+    """Structured output: the step's bitmask rows as the sampler's masks (``row_of``: request id -> its first
+    logit row; a request with drafts has a mask row per position, in order)."""
     request_ids = scheduler_output.grammar_request_ids
     if not request_ids:
         return None
     bitmask = np.frombuffer(scheduler_output.grammar_bitmask, dtype=np.int32).reshape(len(request_ids), -1)
-    return GrammarMasks([row_of[request_id] for request_id in request_ids],
-                        torch.from_numpy(disallowed_tokens(bitmask, vocab_size)))
+    seen: dict[str, int] = {}  # a request's k-th mask row is for its k-th sampled position (drafts after the first)
+    rows = []
+    for request_id in request_ids:
+        rows.append(row_of[request_id] + seen.get(request_id, 0))
+        seen[request_id] = seen.get(request_id, 0) + 1
+    return GrammarMasks(rows, torch.from_numpy(disallowed_tokens(bitmask, vocab_size)))
 
 
 class ModelRunner:

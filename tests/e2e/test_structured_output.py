@@ -107,6 +107,24 @@ def test_a_core_in_its_own_process_gets_the_constraint_and_gives_the_same_tokens
         separate.engine.shutdown()
 
 
+def test_speculation_under_a_grammar_drafts_only_what_it_allows_and_changes_no_token(llm, smollm2_default_dir):
+    people = {"type": "array", "items": PERSON, "minItems": 3, "maxItems": 3}
+    params = [constrained(max_tokens=120, json=people), constrained(max_tokens=40, regex="(ab|cd){3,12}"),
+              SamplingParams(temperature=0, max_tokens=40)]
+    prompts = [ask("Three people as JSON."), ask("Letters?"), ask("Count to ten.")]
+    expected = [o.outputs[0].token_ids for o in llm.chat(prompts, params, use_tqdm=False)]
+    spec = LLM(model=smollm2_default_dir, speculative_method="ngram", prompt_lookup_min=1)
+    outputs = spec.chat(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    jsonschema.validate(json.loads(outputs[0].outputs[0].text), people)
+    # The constrained requests alone: their drafts were proposed and some accepted.
+    stats = spec.engine.engine_core.scheduler.speculator.stats
+    before = stats.accepted_tokens
+    assert [o.outputs[0].token_ids for o in spec.chat(prompts[:2], params[:2], use_tqdm=False)] == expected[:2]
+    assert stats.accepted_tokens > before
+    assert not spec.engine.has_unfinished_requests()
+
+
 def test_max_tokens_cuts_a_structure_and_says_length(llm):
     output = llm.chat(ask("List many numbers as JSON."), constrained(max_tokens=5, json={"type": "array", "items": {
         "type": "integer"}, "minItems": 50}), use_tqdm=False)[0].outputs[0]

@@ -124,3 +124,15 @@ def test_an_engine_without_a_tokenizer_refuses_structured_output():
     with pytest.raises(ValueError, match="structured output needs an engine with a tokenizer"):
         scheduler.add_request(request)
     assert not scheduler.has_unfinished_requests()
+
+
+def test_a_request_with_drafts_gets_a_mask_row_per_position_in_order():
+    from splitfuse.step import SchedulerOutput
+    from splitfuse.worker.model_runner import grammar_masks
+
+    bitmask = np.zeros((4, 1), dtype=np.int32)
+    bitmask[:, 0] = [1 << 1, 1 << 2, 1 << 3, 1 << 4]  # row k allows token k + 1 only
+    output = SchedulerOutput(grammar_request_ids=["a", "b", "a", "a"], grammar_bitmask=bitmask.tobytes())
+    masks = grammar_masks(output, {"a": 0, "b": 3}, vocab_size=8)
+    assert masks.rows == [0, 3, 1, 2]  # "a" samples at logit rows 0-2 (two drafts), "b" at row 3
+    assert [np.flatnonzero(~row.numpy()).tolist() for row in masks.disallowed] == [[1], [2], [3], [4]]
