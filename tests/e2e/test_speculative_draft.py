@@ -155,3 +155,24 @@ def test_a_draft_with_another_vocabulary_is_refused_at_engine_start(llama_ckpt, 
         json.dump(config, f)
     with pytest.raises(ValueError, match="has a vocabulary of 300 tokens, the target 512: a draft model must"):
         LLM(model=llama_ckpt, speculative_method="draft", speculative_model=other)
+
+
+def test_splitfuse_serve_speculates_with_a_draft_model_given_by_flags(llama_ckpt):
+    import httpx
+    import openai
+
+    from server_process import serve_process
+    from splitfuse.metrics.prometheus import parse_metrics
+
+    prompt = prompts_of(checkpoint_factory.TINY_VOCAB_SIZE)[2]
+    expected = LLM(model=llama_ckpt, dtype="bfloat16").generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].text
+    # The target as its own draft: every greedy draft must stand.
+    with serve_process(llama_ckpt, "--dtype", "bfloat16", "--served-model-name", "tiny", "--speculative-method",
+                       "draft", "--speculative-model", llama_ckpt, timeout_s=180) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            reply = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=40,
+                                              extra_body={"ignore_eos": True})
+        metrics = parse_metrics(httpx.get(url + "/metrics").text)
+    assert reply.choices[0].text == expected
+    drafts = metrics["splitfuse:spec_decode_num_draft_tokens_total"]
+    assert drafts > 0 and metrics["splitfuse:spec_decode_num_accepted_tokens_total"] == drafts
