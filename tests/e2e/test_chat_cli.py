@@ -75,6 +75,9 @@ class Terminal:
         self.master, slave = os.openpty()
         attrs = termios.tcgetattr(slave)
         attrs[1] &= ~termios.OPOST  # the program's bytes as written ("\n" not turned into "\r\n")
+        # ^C must not flush the output queue: text the program wrote before it stopped would be lost to the
+        # test's reading (a user's terminal may drop it; the test checks what the program wrote).
+        attrs[3] |= termios.NOFLSH
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
         # A session of its own with the terminal as its controlling terminal, so ^C signals it.
         self.process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=ENV,
