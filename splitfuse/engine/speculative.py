@@ -1,6 +1,6 @@
 """Speculative decoding's scheduler half: how many draft tokens a request gets this step, and which (n-gram).
 
-``NgramProposer`` is prompt lookup: the longest suffix of the request's tokens (``prompt_lookup_max``
+``ngram_draft`` is prompt lookup: the longest suffix of the request's tokens (``prompt_lookup_max``
 down to ``prompt_lookup_min`` tokens) that occurred before; its most recent earlier occurrence's
 continuation is the draft. [5, 6, 7, 9, 5, 6] with n = 2 -> "5 6" occurred at 0 -> draft [7, 9, 5].
 
