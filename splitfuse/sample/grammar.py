@@ -13,6 +13,7 @@ constraint (later requests copy the cached matcher), and ``fill_bitmask`` writes
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import threading
 from typing import Any
@@ -59,10 +60,13 @@ def closed_objects(schema: Any) -> Any:
 
 def llguidance_grammar(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar text of a constraint; ValueError if the JSON schema is not JSON."""
+    return _grammar_of(*spec.key)
+
+
+def _grammar_of(kind: str, text: str) -> str:
     import llguidance
     from llguidance.gbnf_to_lark import any_to_lark
 
-    kind, text = spec.key
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_OPTIONS)
     if kind == "json":
@@ -85,20 +89,30 @@ def llguidance_grammar(spec: StructuredOutputsParams) -> str:
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
+_WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
+         "grammar": "grammar"}
+
+
 def check(spec: StructuredOutputsParams) -> None:
     """Raises ValueError naming what is wrong with the schema, regex or grammar; returns if it compiles."""
-    kind = spec.key[0]
-    message = _validate(llguidance_grammar(spec))
+    message = _problem_of(spec.key)
     if message:
-        what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
-                "choice": "choice", "grammar": "grammar"}[kind]
-        raise ValueError(f"invalid {what}: {message.strip()}")
+        raise ValueError(message)
 
 
-def _validate(grammar: str) -> str:
+@functools.lru_cache(maxsize=1024)
+def _problem_of(key: tuple[str, str]) -> str:
+    """What is wrong with a constraint ("" if nothing), once per constraint: the server and the engine's input
+    processor check the same one, and clients send the same schema (or tool) again and again."""
     import llguidance
 
-    return llguidance.LLMatcher.validate_grammar(grammar, None)
+    kind, text = key
+    try:
+        grammar = _grammar_of(kind, text)
+    except ValueError as error:
+        return str(error)
+    message = llguidance.LLMatcher.validate_grammar(grammar, None)
+    return f"invalid {_WHAT[kind]}: {message.strip()}" if message else ""
 
 
 class GrammarCompiler:
@@ -117,9 +131,8 @@ class GrammarCompiler:
         self._cache: dict[tuple[str, str], Any] = {}  # key -> the matcher in its start state, never advanced
         self._lock = threading.Lock()
         self.num_compiled = 0
-        # The token table takes ~0.4 s to build (SmolLM2): built now, in the compile thread, so the first
-        # constrained request does not wait for it.
-        self._pool.submit(self._tokenizer)
+        # The token table (~0.4 s of CPU for SmolLM2) is built in the compile thread by the first compile, so
+        # an engine that never sees a constraint never pays for it; that first constrained request waits.
 
     def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future:
         with self._lock:
