@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _DTYPES = ("bfloat16", "float16", "float32", "auto")
-ATTENTION_BACKENDS = ("auto", "cpu-kernel", "torch")
+ATTENTION_BACKENDS = ("auto", "cpu-kernel", "torch", "triton", "flashinfer")
 SPECULATIVE_METHODS = (None, "ngram", "draft")
 
 
@@ -57,8 +57,13 @@ class ModelConfig:
     seed: int = _help("Seed of the engine's random generator (requests without their own seed).", default=0)
     attention_backend: str = _help(
         "Paged attention: cpu-kernel (a C kernel built on first use with the machine's compiler; CPU, "
-        "bfloat16/float32), torch (SDPA over copied context; any device) or auto (cpu-kernel where it "
-        "applies and builds, else torch).", default="auto")
+        "bfloat16/float32), torch (SDPA over copied context; any device), on CUDA triton (our Triton "
+        "kernel) or flashinfer (pip install flashinfer-python), or auto (CPU: cpu-kernel where it applies "
+        "and builds, else torch; CUDA: flashinfer, else triton, else torch, whichever imports).",
+        default="auto")
+    enforce_eager: bool = _help(
+        "Never run CUDA graphs: on CUDA (Triton attention) decode steps are otherwise replayed from graphs "
+        "captured at padded batch sizes up to max_num_seqs (at most 256).", default=False)
     batch_invariant: bool = _help(
         "Make a request's tokens independent of its batch (bfloat16 on CPU): every attention row through "
         "the C kernel's one reduction order, oneDNN matmuls at one fixed row count. Off trades that for "
@@ -84,6 +89,9 @@ class CacheConfig:
     num_gpu_blocks_override: Optional[int] = _help("Exact number of KV blocks (overrides kv_cache_memory).",
                                                    default=None)
     enable_prefix_caching: bool = _help("Reuse KV blocks of shared prompt prefixes.", default=True)
+    gpu_memory_utilization: float = _help(
+        "On CUDA, without kv_cache_memory: the share of the GPU's memory the engine may use; the KV pool "
+        "gets what is left of it after the weights and a profiling forward of a full step.", default=0.9)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -92,6 +100,8 @@ class CacheConfig:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
         if self.kv_cache_memory is not None:
             object.__setattr__(self, "kv_cache_memory", parse_memory_size(self.kv_cache_memory))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

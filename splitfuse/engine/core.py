@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 from splitfuse.config import EngineConfig
 from splitfuse.clock import Clock, WallClock
+from splitfuse.engine.input_processor import check_fits_cache
 from splitfuse.engine.kv_cache import KVCacheManager
 from splitfuse.engine.protocol import EngineCoreError, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from splitfuse.engine.request import Request, RequestStatus
@@ -54,10 +55,6 @@ class EngineCore:
         from splitfuse.worker.model_runner import ModelRunner
 
         setup = resolved or resolve_config(config)
-        kv_cache = KVCacheManager(setup.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        grammar_compiler = GrammarCompiler(setup.tokenizer, setup.arch.vocab_size, sorted(setup.eos_token_ids))
-        scheduler = Scheduler(config.scheduler, kv_cache, eos_token_ids=setup.eos_token_ids,
-                              max_model_len=setup.max_model_len, grammar_compiler=grammar_compiler)
         runner = ModelRunner(setup.model_path, setup.arch, dtype=setup.dtype, device=setup.device,
                              num_blocks=setup.num_blocks, block_size=config.cache.block_size,
                              eos_token_ids=setup.eos_token_ids, seed=config.model.seed,
@@ -65,18 +62,29 @@ class EngineCore:
                              batch_invariant=config.model.batch_invariant,
                              max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                              max_num_seqs=config.scheduler.max_num_seqs,
-                             draft_model_path=setup.draft_model_path, draft_arch=setup.draft_arch)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens", setup.num_blocks,
-                    config.cache.block_size, setup.num_blocks * config.cache.block_size)
+                             draft_model_path=setup.draft_model_path, draft_arch=setup.draft_arch,
+                             gpu_memory_utilization=config.cache.gpu_memory_utilization,
+                             enforce_eager=config.model.enforce_eager, max_model_len=setup.max_model_len)
+        # The runner knows the pool's size: the configured one, or on CUDA what profiling left room for.
+        kv_cache = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        grammar_compiler = GrammarCompiler(setup.tokenizer, setup.arch.vocab_size, sorted(setup.eos_token_ids))
+        scheduler = Scheduler(config.scheduler, kv_cache, eos_token_ids=setup.eos_token_ids,
+                              max_model_len=setup.max_model_len, grammar_compiler=grammar_compiler)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens", runner.num_blocks,
+                    config.cache.block_size, runner.num_blocks * config.cache.block_size)
         return cls(scheduler, UniProcExecutor(runner))
 
     # -- requests -----------------------------------------------------------------------
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         """Queues every sequence of one request (n > 1: a leader and its siblings), or none of them."""
+        kv_cache = self.scheduler.kv_cache
         for request in requests:
             if request.request_id in self.scheduler.requests:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
+            # The frontend checks this too where it knows the pool's size (not on CUDA before profiling).
+            check_fits_cache(len(request.prompt_token_ids) + request.max_tokens,
+                             kv_cache.num_blocks * kv_cache.block_size)
         self._check_waiting_room(requests)
         self._arrival_counter += 1
         for request in requests:

@@ -21,8 +21,16 @@ def prompt_too_long_message(num_prompt_tokens: int, max_model_len: int) -> str:
             f"is {max_model_len}")
 
 
+def check_fits_cache(num_tokens: int, max_num_tokens_in_cache: Optional[int]) -> None:
+    """A request that could never fit the whole KV pool is refused (None: the pool is sized in the core,
+    after memory profiling on CUDA, and the core checks)."""
+    if max_num_tokens_in_cache is not None and num_tokens > max_num_tokens_in_cache:
+        raise ValueError(f"request needs up to {num_tokens} tokens of KV cache, "
+                         f"but the whole cache holds {max_num_tokens_in_cache}")
+
+
 class InputProcessor:
-    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, max_num_tokens_in_cache: int,
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, max_num_tokens_in_cache: Optional[int],
                  clock: Optional[Clock] = None) -> None:
         self.tokenizer = tokenizer
         self.clock = clock or WallClock()
@@ -52,9 +60,7 @@ class InputProcessor:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
                              f"{num_prompt_tokens + max_tokens} exceeds the model's context length "
                              f"(max_model_len) of {self.max_model_len}")
-        if num_prompt_tokens + max_tokens > self.max_num_tokens_in_cache:
-            raise ValueError(f"request needs up to {num_prompt_tokens + max_tokens} tokens of KV cache, "
-                             f"but the whole cache holds {self.max_num_tokens_in_cache}")
+        check_fits_cache(num_prompt_tokens + max_tokens, self.max_num_tokens_in_cache)
         return max_tokens
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,

@@ -31,7 +31,7 @@ class ResolvedConfig:
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
-    num_blocks: int
+    num_blocks: Optional[int]  # None: on CUDA, sized by the runner from a profiling step (gpu_memory_utilization)
     eos_token_ids: frozenset[int]
     draft_model_path: Optional[str] = None  # speculative_method="draft": the draft checkpoint, and its arch
     draft_arch: Optional[ArchConfig] = None
@@ -52,7 +52,7 @@ def resolve_config(config: EngineConfig) -> ResolvedConfig:
             raise ValueError(f"max_model_len {config.model.max_model_len} exceeds the model's "
                              f"max_position_embeddings {arch.max_position_embeddings}")
         max_model_len = config.model.max_model_len
-    num_blocks = _num_blocks(config, arch, dtype, max_model_len)
+    num_blocks = _num_blocks(config, arch, dtype, max_model_len, device)
     draft_model_path = draft_arch = None
     if config.scheduler.speculative_model is not None:
         draft_model_path = resolve_model(config.scheduler.speculative_model, dtype_name).path
@@ -94,11 +94,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _num_blocks(config: EngineConfig, arch: ArchConfig, dtype: torch.dtype, max_model_len: int) -> int:
-    """The pool size: exact override, else --kv-cache-memory, else enough for max_num_seqs full requests (<= 4 GiB)."""
+def _num_blocks(config: EngineConfig, arch: ArchConfig, dtype: torch.dtype, max_model_len: int,
+                device: torch.device) -> Optional[int]:
+    """The pool size: exact override, else --kv-cache-memory, else on CUDA None (the runner profiles), else
+    enough for max_num_seqs full requests (<= 4 GiB)."""
     cache = config.cache
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
+    if cache.kv_cache_memory is None and device.type == "cuda":
+        return None
     bytes_per_block = kv_cache_bytes_per_block(arch.num_layers, cache.block_size, arch.num_kv_heads,
                                                arch.head_dim, dtype)
     if cache.kv_cache_memory is not None:

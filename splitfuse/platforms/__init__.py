@@ -8,7 +8,8 @@ is built with the ``Platform``; each layer keeps the op it was handed and never 
 
     CPU, bf16 or fp32, a C compiler -> paged C attention, C ops; bf16: packed linears (AMX where it is)
     CPU otherwise (fp16, no compiler)-> torch-native attention, torch ops
-    CUDA (any other device)          -> platforms/cuda: torch-native attention, torch ops
+    CUDA (any other device)          -> platforms/cuda: FlashInfer, Triton or torch-native attention;
+                                        Triton or torch ops (whichever imports)
 """
 
 from __future__ import annotations
@@ -75,13 +76,18 @@ def resolve_platform(device: torch.device, dtype: torch.dtype, *, attention_back
                      block_size: Optional[int] = None) -> Platform:
     """Everything that runs a model of ``dtype`` on ``device``, chosen now (see the module docstring).
 
-    ``attention_backend``: auto, cpu-kernel or torch; asking for cpu-kernel where it cannot run is an
-    error. ``arch`` and ``block_size``: the model's attention shape and the KV block size, checked
+    ``attention_backend``: auto, cpu-kernel, torch, or on CUDA triton / flashinfer; asking for one where
+    it cannot run is an error. ``arch`` and ``block_size``: the model's attention shape and the KV block size, checked
     against the C attention kernel's limits (either None: not checked, as kernel tests want).
     """
     if device.type != "cpu":
-        backend = _attention_backend(attention_backend, device, dtype, None, batch_invariant)
+        if attention_backend == "cpu-kernel":
+            _attention_backend(attention_backend, device, dtype, None, batch_invariant)  # raises: names why
+        _warn_not_invariant(batch_invariant, f"attention on {device.type}")
+        backend = cuda.attention_backend(attention_backend, device, arch.num_kv_heads if arch is not None else 8)
         return Platform(device, dtype, batch_invariant, backend, cuda.ops(), None, None)
+    if attention_backend in ("triton", "flashinfer"):
+        raise ValueError(f"attention backend {attention_backend!r} runs on CUDA only (this model is on the CPU)")
     kernels = None
     if dtype in DTYPE_CODES and not _env_flag("SPLITFUSE_DISABLE_CPU_KERNELS"):
         kernels = build_cpu_kernels()
@@ -118,7 +124,7 @@ def _attention_backend(name: str, device: torch.device, dtype: torch.dtype, kern
     if device.type == "cpu":
         logger.info("attention: torch-native backend (the CPU kernel does not apply here)")
     _warn_not_invariant(batch_invariant, "the torch attention backend")
-    return TorchNativeBackend(device) if device.type == "cpu" else cuda.attention_backend(device)
+    return TorchNativeBackend(device)
 
 
 def _warn_not_invariant(batch_invariant: bool, reason: str) -> None:

@@ -28,6 +28,12 @@ class KVStore:
         self._block_views = [(key.view(num_blocks, -1), value.view(num_blocks, -1)) for key, value in self.layers]
 
     @property
+    def bytes_per_block(self) -> int:
+        """A block's KV bytes over every layer, key and value."""
+        key = self.layers[0][0]
+        return 2 * len(self.layers) * self.block_elements * key.element_size()
+
+    @property
     def block_elements(self) -> int:
         return self._block_views[0][0].shape[1]
 

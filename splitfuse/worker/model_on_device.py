@@ -22,6 +22,7 @@ class ModelOnDevice:
     model: nn.Module
     kv_store: KVStore
     sliding_windows: tuple  # the distinct sliding windows of its layers (None: full attention), None first
+    pool_shape: tuple  # KVStore's arguments after num_blocks: layers, block size, KV heads, head dim, dtype, device
 
     @classmethod
     def load(cls, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device, num_blocks: int,
@@ -30,7 +31,12 @@ class ModelOnDevice:
                                     batch_invariant=batch_invariant, arch=arch, block_size=block_size)
         backend = platform.attention_backend
         model = load_model(model_path, arch, platform)
-        kv_store = KVStore(backend, arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
-                           dtype, device)
+        shape = (arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim, dtype, device)
+        kv_store = KVStore(backend, shape[0], num_blocks, *shape[1:])
         windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
-        return cls(platform, backend, model, kv_store, windows)
+        return cls(platform, backend, model, kv_store, windows, shape)
+
+    def resize_kv_pool(self, num_blocks: int) -> None:
+        """A new, empty pool of ``num_blocks`` (after memory profiling ran on a one-block pool)."""
+        self.kv_store = None  # the old pool's memory goes back before the new one is taken
+        self.kv_store = KVStore(self.backend, self.pool_shape[0], num_blocks, *self.pool_shape[1:])

@@ -14,7 +14,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from splitfuse.attention.backend import BatchLayout
 from splitfuse.models.config import ArchConfig
+from splitfuse.platforms.cuda.graphs import DecodeGraphs, capture_sizes
+from splitfuse.platforms.cuda.memory import kv_cache_bytes, profile_peak_bytes
 from splitfuse.platforms.cpu.linear import padded_rows
 from splitfuse.sample.grammar import disallowed_tokens
 from splitfuse.sample.rejection import rejection_sample
@@ -57,31 +60,104 @@ def grammar_masks(scheduler_output: SchedulerOutput, row_of: dict[str, int], voc
     return GrammarMasks(rows, torch.from_numpy(disallowed_tokens(bitmask, vocab_size)))
 
 
+def profiling_batch(num_tokens: int, max_model_len: int, block_size: int
+                    ) -> tuple[list[int], np.ndarray, BatchLayout]:
+    """The largest step, for memory profiling: ``num_tokens`` prompt tokens as whole prompts of at most
+    ``max_model_len`` (7 tokens, max 3 -> prompts of 3, 3, 1), every slot in block 0 (a one-block pool)."""
+    length = max(1, min(num_tokens, max_model_len))
+    query_lens = np.array([length] * (num_tokens // length) + ([num_tokens % length] if num_tokens % length else []),
+                          dtype=np.int64)
+    query_start_loc = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int64)
+    positions = np.concatenate([np.arange(n) for n in query_lens]).astype(np.int64)
+    layout = BatchLayout(query_lens=query_lens, context_lens=query_lens.copy(), query_start_loc=query_start_loc,
+                         block_tables=np.zeros((len(query_lens), -(-length // block_size)), dtype=np.int64),
+                         slot_mapping=torch.from_numpy(positions % block_size),
+                         num_decodes=int(np.count_nonzero(query_lens == 1)), block_size=block_size)
+    return [0] * num_tokens, positions, layout
+
+
 class ModelRunner:
     def __init__(self, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
+                 num_blocks: Optional[int], block_size: int, eos_token_ids: frozenset[int], seed: int = 0,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 0, max_num_seqs: int = 0,
                  batch_invariant: bool = False, draft_model_path: Optional[str] = None,
-                 draft_arch: Optional[ArchConfig] = None) -> None:
+                 draft_arch: Optional[ArchConfig] = None, gpu_memory_utilization: float = 0.9,
+                 enforce_eager: bool = False, max_model_len: Optional[int] = None) -> None:
+        """``num_blocks`` None (CUDA only): the KV pool takes what the GPU has left after a profiling step."""
         self.arch = arch
         self.device = device
         self.block_size = block_size
         # Where a model runs and how its KV is held: the same for the target and a draft model.
-        placement = dict(dtype=dtype, device=device, num_blocks=num_blocks, block_size=block_size,
+        placement = dict(dtype=dtype, device=device, num_blocks=num_blocks or 1, block_size=block_size,
                          attention_backend=attention_backend, batch_invariant=batch_invariant)
         loaded = ModelOnDevice.load(model_path, arch, **placement)
+        draft = None if draft_model_path is None else ModelOnDevice.load(draft_model_path, draft_arch, **placement)
+        if num_blocks is None:
+            num_blocks = self._profiled_num_blocks(loaded, draft, gpu_memory_utilization, max_num_batched_tokens,
+                                                   max_num_seqs, max_model_len or arch.max_position_embeddings)
+            for model in (loaded, draft):
+                if model is not None:
+                    model.resize_kv_pool(num_blocks)
+        self.num_blocks = num_blocks
         self.platform, self.backend, self.model = loaded.platform, loaded.backend, loaded.model
         self.kv_store, self.sliding_windows = loaded.kv_store, loaded.sliding_windows
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=seed, argmax=self.platform.ops.argmax)
         self.requests: dict[str, RequestState] = {}
         # speculative_method="draft": the proposer, and the random stream of its verification (unseeded rows).
-        self.draft_model = None if draft_model_path is None else DraftModel(
-            ModelOnDevice.load(draft_model_path, draft_arch, **placement), draft_arch.vocab_size,
-            eos_token_ids=eos_token_ids, seed=seed, max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs)
+        self.draft_model = None if draft is None else DraftModel(
+            draft, draft_arch.vocab_size, eos_token_ids=eos_token_ids, seed=seed,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
         self.verify_generator = torch.Generator().manual_seed(seed + 2)
         # A step has at most max_num_batched_tokens tokens and samples for at most max_num_seqs requests.
         self.model.warm_up(max_num_batched_tokens, max_num_seqs)
+        self.graphs: Optional[DecodeGraphs] = None
+        if (device.type == "cuda" and not enforce_eager and getattr(self.backend, "graph_safe", False)
+                and self.draft_model is None):
+            self.graphs = self._capture_graphs(max_num_batched_tokens, max_num_seqs,
+                                               max_model_len or arch.max_position_embeddings)
+
+    def _profiled_num_blocks(self, target: ModelOnDevice, draft: Optional[ModelOnDevice], utilization: float,
+                             max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+        """KV blocks that fit what the GPU has left once the largest step has run (platforms/cuda/memory.py)."""
+        if self.device.type != "cuda":
+            raise ValueError("the KV pool is sized by profiling on CUDA only; give num_blocks on the CPU")
+
+        def largest_step() -> None:
+            with torch.inference_mode():
+                token_ids, positions, layout = profiling_batch(max_num_batched_tokens, max_model_len,
+                                                               self.block_size)
+                layout.slot_mapping = layout.slot_mapping.to(self.device)
+                hidden = target.model(torch.tensor(token_ids, device=self.device),
+                                      torch.from_numpy(positions).to(self.device), target.kv_store.layers,
+                                      target.backend.plan(layout, target.sliding_windows))
+                target.model.compute_logits(hidden[:max(1, max_num_seqs)])
+
+        peak, total = profile_peak_bytes(largest_step, self.device)
+        bytes_per_block = sum(model.kv_store.bytes_per_block for model in (target, draft) if model is not None)
+        num_blocks = kv_cache_bytes(total, utilization, peak) // bytes_per_block
+        logger.info("GPU memory: %.1f GiB at utilization %.2f, peak %.1f GiB in a full step -> %d KV blocks",
+                    total / (1 << 30), utilization, peak / (1 << 30), num_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"the GPU has room for no KV block ({bytes_per_block} bytes each) after the model")
+        return num_blocks
+
+    def _capture_graphs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
+        model, kv_caches = self.model, self.kv_caches
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, metadata: object) -> torch.Tensor:
+            return model(input_ids, positions, kv_caches, metadata)
+
+        sizes, max_blocks = capture_sizes(max_num_seqs), -(-max_model_len // self.block_size)
+        # Every step's attention buffers, sized once: the graphs read them at fixed addresses.
+        self.backend.reserve(max(max_num_batched_tokens, sizes[-1]), max(max_num_seqs, sizes[-1]), max_blocks,
+                             self.arch.num_heads, self.arch.head_dim)
+        graphs = DecodeGraphs(forward, self.backend, self.sliding_windows, sizes=sizes,
+                              max_blocks_per_request=max_blocks, block_size=self.block_size, device=self.device,
+                              num_splits=lambda size: self.backend.graph_num_splits(size, max_model_len))
+        with torch.inference_mode():
+            seconds = graphs.capture_all()
+        logger.info("captured CUDA graphs of decode steps for batch sizes %s in %.1f s", graphs.sizes, seconds)
+        return graphs
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,14 +197,10 @@ class ModelRunner:
             num_drafts = [scheduler_output.spec_num_drafts.get(state.request_id, 0) for state in states]
             drafts, draft_probs = self.draft_model.propose(states, query_lens - np.array(num_drafts), num_drafts)
         token_ids, positions, layout = prepare_inputs(states, query_lens, self.block_size, drafts)
-        layout.slot_mapping = layout.slot_mapping.to(self.device)
-        if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
-            padding = padded_rows(len(token_ids)) - len(token_ids)
-            token_ids.extend([0] * padding)
-            positions = np.concatenate([positions, np.zeros(padding, dtype=positions.dtype)])
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        metadata = self.backend.plan(layout, self.sliding_windows)
-        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), self.kv_caches, metadata)
+        if self.graphs is not None and self.graphs.takes(layout):
+            hidden = self.graphs.run(token_ids, positions, layout)
+        else:
+            hidden = self._forward(token_ids, positions, layout)
 
         prompt_logprobs = self._prompt_logprobs(states, query_lens, hidden, layout.query_start_loc)
         sampling_ids = set(scheduler_output.sampling_request_ids)
@@ -166,6 +238,17 @@ class ModelRunner:
                 if drafts[i]:
                     self.draft_model.settle(states[i].request_id, len(drafts[i]), len(kept_tokens) - 1)
         return ModelRunnerOutput([s.request_id for s in sampling_states], token_ids, logprobs, prompt_logprobs)
+
+    def _forward(self, token_ids: list[int], positions: np.ndarray, layout: BatchLayout) -> torch.Tensor:
+        """The model run eagerly over the step's tokens (padded where the platform's matmuls want it)."""
+        layout.slot_mapping = layout.slot_mapping.to(self.device)
+        if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
+            padding = padded_rows(len(token_ids)) - len(token_ids)
+            token_ids = token_ids + [0] * padding
+            positions = np.concatenate([positions, np.zeros(padding, dtype=positions.dtype)])
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        metadata = self.backend.plan(layout, self.sliding_windows)
+        return self.model(input_ids, torch.from_numpy(positions).to(self.device), self.kv_caches, metadata)
 
     def _verify_draft_model(self, sampling_states: list[RequestState], first_row: list[int],
                             num_positions: list[int], logits: torch.Tensor, sampling_rows: list[SamplingRow],

@@ -18,6 +18,7 @@ from splitfuse.engine.core_client import InProcClient
 from splitfuse.engine.kv_cache import KVCacheManager
 from splitfuse.engine.kv_cache.hashing import hash_block
 from splitfuse.engine.llm_engine import LLMEngine
+from splitfuse.engine.request import Request
 from splitfuse.engine.protocol import BlockRemoved, BlockStored, EngineCoreRequest
 from splitfuse.engine.resolved_config import ResolvedConfig
 from splitfuse.engine.scheduler import Scheduler
@@ -312,15 +313,26 @@ def test_a_running_request_that_is_its_own_victim_frees_room_for_the_others_in_t
 
 
 def test_a_step_that_only_preempts_still_reaches_the_runner():
-    # A request that outgrows the whole pool (LLMEngine refuses one; the core alone does not check).
+    # A request that outgrows the whole pool: the core refuses one, so it goes to the scheduler directly.
     core, executor, _ = make_core(num_blocks=2)
-    core.add_requests([core_request("r", range(10, 18), max_tokens=3)])
+    core.scheduler.add_request(Request("r", list(range(10, 18)), SamplingParams(max_tokens=3), arrival_time=0.0,
+                                       max_tokens=3))
     core.step()
     assert core.step().outputs == []
     assert executor.scheduler_outputs[-1] == SchedulerOutput(preempted_request_ids=["r"])
     assert executor.requests["r"].block_table == []
 
 # -- (i) admission limits ---------------------------------------------------------------------
+
+def test_the_core_refuses_a_request_that_could_never_fit_its_pool():
+    # On CUDA the frontend does not know the pool's size (the runner profiles it): the core checks.
+    core, _, _ = make_core(num_blocks=2)  # 2 blocks of 4 tokens
+    with pytest.raises(ValueError, match=r"^request needs up to 11 tokens of KV cache, but the whole cache "
+                                         r"holds 8$"):
+        core.add_requests([core_request("r", range(10, 18), max_tokens=3)])
+    assert core.scheduler.requests == {}
+    core.add_requests([core_request("r", range(10, 17), max_tokens=1)])  # 8 tokens fit
+    assert list(core.scheduler.requests) == ["r"]
 
 def test_a_group_past_the_waiting_request_limit_is_refused_whole(tiny_tokenizer):
     engine, _, _ = make_engine(tiny_tokenizer, max_waiting_requests=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitfuse.attention.torch_native import TorchNativeBackend
-from splitfuse.platforms import resolve_platform
+from splitfuse.platforms import cuda, resolve_platform
 from splitfuse.platforms.cpu.attention import CpuPagedBackend
 from splitfuse.platforms.cpu.kernels import CpuKernels
 from splitfuse.platforms.cpu.linear import packing_supported
@@ -59,11 +59,46 @@ def test_fp16_on_the_cpu_runs_torch_ops_and_torch_attention():
     assert type(platform.attention_backend) is TorchNativeBackend and not platform.uses_amx
 
 
-def test_other_devices_take_the_cuda_path():
+needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+def test_other_devices_take_the_cuda_path_with_triton_where_it_imports():
+    from splitfuse.platforms.cuda.triton_attention import TritonAttentionBackend
+    from splitfuse.platforms.cuda.triton_ops import TRITON_OPS
+
     platform = resolve_platform(torch.device("cuda"), torch.bfloat16)  # decided without touching the device
+    assert (platform.kernels, platform.linears, platform.ops) == (None, None, TRITON_OPS)
+    if not cuda.flashinfer_available():
+        assert type(platform.attention_backend) is TritonAttentionBackend
+    named = resolve_platform(torch.device("cuda"), torch.bfloat16, attention_backend="triton")
+    assert type(named.attention_backend) is TritonAttentionBackend and named.attention_backend.graph_safe
+
+
+def test_the_cuda_path_keeps_torch_when_triton_is_switched_off(monkeypatch):
+    monkeypatch.setenv("SPLITFUSE_DISABLE_TRITON", "1")
+    platform = resolve_platform(torch.device("cuda"), torch.bfloat16)
     assert (platform.kernels, platform.linears, platform.ops) == (None, None, TORCH_OPS)
-    assert type(platform.attention_backend) is TorchNativeBackend
+    if not cuda.flashinfer_available():
+        assert type(platform.attention_backend) is TorchNativeBackend
     assert platform.attention_backend.device == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^attention backend 'triton' needs the triton package \(pip install "
+                                         r"triton\) and SPLITFUSE_DISABLE_TRITON unset$"):
+        resolve_platform(torch.device("cuda"), torch.bfloat16, attention_backend="triton")
+
+
+@pytest.mark.skipif(cuda.flashinfer_available(), reason="flashinfer is installed")
+def test_asking_for_flashinfer_without_it_says_how_to_install_it():
+    with pytest.raises(ValueError, match=r"^attention backend 'flashinfer' needs the flashinfer package "
+                                         r"\(pip install flashinfer-python\) and a CUDA device$"):
+        resolve_platform(torch.device("cuda"), torch.bfloat16, attention_backend="flashinfer")
+
+
+def test_the_gpu_backends_are_refused_on_the_cpu():
+    for name in ("triton", "flashinfer"):
+        with pytest.raises(ValueError, match=rf"^attention backend '{name}' runs on CUDA only \(this model is on "
+                                             r"the CPU\)$"):
+            resolve_platform(CPU, torch.float32, attention_backend=name)
 
 
 @needs_kernels
