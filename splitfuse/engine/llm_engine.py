@@ -53,10 +53,11 @@ class LLMEngine:
         self.arch = resolved.arch
         self.max_model_len = resolved.max_model_len
         self.vocab_size = resolved.arch.vocab_size
+        # None on CUDA: the runner sizes the pool after profiling, and the core checks requests against it.
+        cache_tokens = None if resolved.num_blocks is None else resolved.num_blocks * config.cache.block_size
         self.input_processor = InputProcessor(
             self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-            max_num_tokens_in_cache=None if resolved.num_blocks is None else resolved.num_blocks * config.cache.block_size,
-            clock=clock)
+            max_num_tokens_in_cache=cache_tokens, clock=clock)
         self.output_processor = OutputProcessor(self.tokenizer)
         if client is None and config.parallel.replicas > 1:
             from splitfuse.engine.replica_client import ReplicatedClient

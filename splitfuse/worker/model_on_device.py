@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +24,7 @@ class ModelOnDevice:
     model: nn.Module
     kv_store: KVStore
     sliding_windows: tuple  # the distinct sliding windows of its layers (None: full attention), None first
-    pool_shape: tuple  # KVStore's arguments after num_blocks: layers, block size, KV heads, head dim, dtype, device
+    new_pool: Callable[[int], KVStore]  # num_blocks -> an empty pool of this model's layout
 
     @classmethod
     def load(cls, model_path: str, arch: ArchConfig, *, dtype: torch.dtype, device: torch.device, num_blocks: int,
@@ -31,12 +33,12 @@ class ModelOnDevice:
                                     batch_invariant=batch_invariant, arch=arch, block_size=block_size)
         backend = platform.attention_backend
         model = load_model(model_path, arch, platform)
-        shape = (arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim, dtype, device)
-        kv_store = KVStore(backend, shape[0], num_blocks, *shape[1:])
+        new_pool = functools.partial(KVStore, backend, arch.num_layers, block_size=block_size,
+                                     num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, dtype=dtype, device=device)
         windows = tuple(sorted(set(arch.layer_sliding_windows), key=lambda w: (w is not None, w)))
-        return cls(platform, backend, model, kv_store, windows, shape)
+        return cls(platform, backend, model, new_pool(num_blocks), windows, new_pool)
 
     def resize_kv_pool(self, num_blocks: int) -> None:
         """A new, empty pool of ``num_blocks`` (after memory profiling ran on a one-block pool)."""
         self.kv_store = None  # the old pool's memory goes back before the new one is taken
-        self.kv_store = KVStore(self.backend, self.pool_shape[0], num_blocks, *self.pool_shape[1:])
+        self.kv_store = self.new_pool(num_blocks)

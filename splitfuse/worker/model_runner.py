@@ -244,7 +244,7 @@ class ModelRunner:
         layout.slot_mapping = layout.slot_mapping.to(self.device)
         if self.model.pads_rows:  # dummy tokens (id 0 at position 0) up to a precompiled matmul size
             padding = padded_rows(len(token_ids)) - len(token_ids)
-            token_ids = token_ids + [0] * padding
+            token_ids.extend([0] * padding)
             positions = np.concatenate([positions, np.zeros(padding, dtype=positions.dtype)])
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         metadata = self.backend.plan(layout, self.sliding_windows)

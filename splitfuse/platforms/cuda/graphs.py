@@ -22,7 +22,6 @@ in tests with a fake that replays the captured callable on its captured argument
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Any, Callable, Optional
 
@@ -30,8 +29,6 @@ import numpy as np
 import torch
 
 from splitfuse.attention.backend import AttentionBackend, BatchLayout
-
-logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_SIZE = 256
 _SMALL_SIZES = (1, 2, 4, 8)
@@ -75,8 +72,7 @@ class GraphApi:
 class _Captured:
     graph: Any
     output: torch.Tensor
-    metadata: Any
-    addresses: dict[str, int]
+    addresses: dict[str, int]  # the metadata's tensors at capture: they must not move
 
 
 def tensor_addresses(metadata: Any) -> dict[str, int]:
@@ -145,7 +141,7 @@ class DecodeGraphs:
         ids, positions = self.input_ids[:size], self.positions[:size]
         self._forward(ids, positions, metadata)  # once eagerly: kernels compiled, lazy state set up
         graph, output = self._api.capture(lambda: self._forward(ids, positions, metadata))
-        self._graphs[size] = _Captured(graph, output, metadata, tensor_addresses(metadata))
+        self._graphs[size] = _Captured(graph, output, tensor_addresses(metadata))
 
     def run(self, token_ids: list[int], positions: np.ndarray, layout: BatchLayout) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode-only step (``takes(layout)``), by replaying its size's graph."""
@@ -158,8 +154,7 @@ class DecodeGraphs:
         staged[2, :num_rows] = layout.slot_mapping[:num_rows].cpu()
         staged[:2, num_rows:] = 0
         staged[2, num_rows:] = PAD_SLOT
-        for row in range(3):
-            self._inputs.view(3, -1)[row, :size].copy_(staged[row], non_blocking=True)
+        self._inputs.copy_(self._staging, non_blocking=True)  # one copy; a graph reads its first rows only
         metadata = self._plan(self._padded(layout, size), size)
         moved = {path for path, address in tensor_addresses(metadata).items()
                  if captured.addresses.get(path) != address}
